@@ -1,0 +1,3 @@
+module vicd/tether
+
+go 1.19

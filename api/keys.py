@@ -1,0 +1,16 @@
+"""Typed application keys: the services the route modules use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+from vicd.image_store import ImageStore
+
+from vicd.engine import Engine
+from vicd.events import EventBus
+
+ENGINE = web.AppKey("engine", Engine)
+IMAGES = web.AppKey("images", ImageStore)
+EVENTS = web.AppKey("events", EventBus)
+DAEMON = web.AppKey("daemon", Any)

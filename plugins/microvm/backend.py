@@ -1,0 +1,401 @@
+"""The microvm compute backend: QEMU's microvm machine, a tether in the guest.
+
+Per container: a directory ``<data-root>/microvm/vms/<id16>/`` with the
+copy-on-write root disk (qcow2 over the image's ext4), the QEMU pidfile,
+console log and the two sockets (tether channel, QMP). QEMU runs in its own
+session, so containers outlive a daemon that dies; a new daemon finds them
+through the pidfile and reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from vicd.plugins.microvm.qemu import (
+    QemuProcess,
+    VMFiles,
+    build_cmdline,
+    live_qemu_pid,
+    qemu_version,
+)
+from vicd.plugins.microvm.qmp import QMP
+from vicd.plugins.microvm.tether import (
+    PROTOCOL_VERSION,
+    STDIN,
+    STDIN_CLOSE,
+    Channel,
+    TetherConnection,
+    TetherError,
+)
+
+from vicd.backend import GuestStats, OutputSink, ProcessSpec, StartError, VMSpec
+from vicd.config import Config
+from vicd.errors import VicdError
+
+log = logging.getLogger(__name__)
+
+BOOT_TIMEOUT = 60.0  # TCG on a loaded 2-core CI box; a boot takes ~1.5 s idle
+KVM_PROBE_TIMEOUT = 6.0
+
+
+class GuestProc:
+    """A process in the guest, addressed by its tether channel."""
+
+    def __init__(self, vm: MicroVM, chan: int, channel: Channel, pid: int) -> None:
+        self.vm = vm
+        self.chan = chan
+        self.channel = channel
+        self.pid = pid
+
+    def write_stdin(self, data: bytes) -> None:
+        self.vm.conn.send(STDIN, self.chan, data)
+
+    def close_stdin(self) -> None:
+        self.vm.conn.send(STDIN_CLOSE, self.chan)
+
+    async def signal(self, signum: int) -> None:
+        await self.vm.conn.request("signal", chan=self.chan, signal=signum, timeout=10)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self.vm.conn.request("resize", chan=self.chan, rows=rows, cols=cols, timeout=10)
+
+    async def wait(self) -> int:
+        done, _ = await asyncio.wait(
+            [self.channel.exit, self.vm.conn.closed], return_when=asyncio.FIRST_COMPLETED
+        )
+        if self.channel.exit.done():
+            return self.channel.exit.result()
+        return 137
+
+
+class MicroVM:
+    def __init__(self, cid: str, files: VMFiles, proc: QemuProcess, conn: TetherConnection) -> None:
+        self.cid = cid
+        self.files = files
+        self.proc = proc
+        self.conn = conn
+        self.pid = proc.pid
+        self.main: GuestProc  # set once the main process runs
+        self.next_chan = 2
+        self._qmp: QMP | None = None
+        self._killed = False
+
+    async def qmp(self) -> QMP:
+        if self._qmp is None:
+            self._qmp = await QMP.connect(str(self.files.qmp))
+        return self._qmp
+
+    async def exec(self, spec: ProcessSpec, sink: OutputSink) -> GuestProc:
+        chan = self.next_chan
+        self.next_chan += 1
+        channel = self.conn.open_channel(chan, sink)
+        try:
+            reply = await self.conn.request("exec", chan=chan, **_process_fields(spec))
+        except TetherError as e:
+            code = (getattr(e, "reply", None) or {}).get("exit_code", 126)
+            raise StartError(e.message, int(code)) from None
+        return GuestProc(self, chan, channel, int(reply.get("pid", 0)))
+
+    async def ps(self) -> list[dict[str, Any]]:
+        reply = await self.conn.request("ps", timeout=10)
+        return list(reply.get("processes") or [])
+
+    async def stats(self) -> GuestStats:
+        r = await self.conn.request("stats", timeout=10)
+        total = int(r.get("mem_total", 0))
+        avail = int(r.get("mem_available", r.get("mem_free", 0)))
+        return GuestStats(
+            cpu_ns=int(r.get("cpu_ns", 0)),
+            system_ns=int(r.get("system_ns", 0)),
+            online_cpus=int(r.get("online_cpus", 1)),
+            mem_total=total,
+            mem_used=max(total - avail, 0),
+            mem_cache=int(r.get("mem_cache", 0)),
+            pids=int(r.get("pids", 0)),
+        )
+
+    async def pause(self) -> None:
+        await (await self.qmp()).execute("stop")
+
+    async def resume(self) -> None:
+        await (await self.qmp()).execute("cont")
+
+    async def kill(self) -> None:
+        self._killed = True
+        self.proc.kill()
+        await self.proc.wait(10)
+
+    async def wait(self) -> int:
+        """The main process's exit code, once the VM has ended (so its disk is consistent)."""
+        code = await self.main.wait()
+        if self._killed or self.conn.closed.done() and not self.main.channel.exit.done():
+            code = 137
+        else:
+            # The guest syncs and unmounts its disks before it ends.
+            with contextlib.suppress(Exception):
+                self.conn.send_ctrl({"op": "poweroff"})
+            if not await self.proc.wait(15):
+                log.warning("container %s: guest did not power off, killing it", self.cid[:12])
+                self.proc.kill()
+        await self.proc.wait()
+        await self.close()
+        return code
+
+    async def close(self) -> None:
+        await self.conn.close()
+        if self._qmp:
+            self._qmp.close()
+
+
+def _process_fields(spec: ProcessSpec) -> dict[str, Any]:
+    return {
+        "args": spec.args,
+        "env": spec.env,
+        "cwd": spec.cwd,
+        "user": spec.user,
+        "tty": spec.tty,
+        "stdin": spec.stdin,
+        "rows": spec.rows,
+        "cols": spec.cols,
+    }
+
+
+class MicroVMBackend:
+    name = "microvm"
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.root = config.data_root / "microvm"
+        self.vms = self.root / "vms"
+        self.guest_dir = config.resolved_guest_dir
+        self.accel = "tcg"
+        self.kernel_release = ""
+
+    # --- setup ----------------------------------------------------------------
+
+    async def setup(self) -> None:
+        self.vms.mkdir(parents=True, exist_ok=True)
+        for name in ("vmlinux", "initrd.img", "kernel.release"):
+            if not (self.guest_dir / name).is_file():
+                raise VicdError(
+                    f"guest build missing: {self.guest_dir / name} "
+                    "(run contrib/guest/build.sh DIR and pass --guest-dir DIR)"
+                )
+        if shutil.which("qemu-system-x86_64") is None:
+            raise VicdError("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
+        self.kernel_release = (self.guest_dir / "kernel.release").read_text().strip()
+        self.accel = await self._choose_accel()
+        log.info("microvm backend: accelerator %s, guest kernel %s", self.accel,
+                 self.kernel_release)
+
+    async def _choose_accel(self) -> str:
+        want = self.config.accel
+        if want in ("tcg", "kvm"):
+            return want
+        if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+            return "tcg"
+        key = f"{platform.release()}|{qemu_version()}|{self._guest_stamp()}"
+        cache = self.root / "accel.json"
+        with contextlib.suppress(OSError, ValueError):
+            data = json.loads(cache.read_text())
+            if data.get("key") == key:
+                return data["accel"]
+        ok = await self._probe_kvm()
+        verdict = "kvm" if ok else "tcg"
+        cache.write_text(json.dumps({"key": key, "accel": verdict}))
+        return verdict
+
+    def _guest_stamp(self) -> str:
+        try:
+            return (self.guest_dir / "build.json").read_text()
+        except OSError:
+            return self.kernel_release
+
+    async def _probe_kvm(self) -> bool:
+        """Boot a guest under KVM and wait for the tether's hello.
+
+        Nested KVM here crawls and then fails with an emulation error, so a
+        short deadline decides; a working KVM answers well inside it.
+        """
+        files = VMFiles(self.root / "kvm-probe")
+        shutil.rmtree(files.dir, ignore_errors=True)
+        files.dir.mkdir(parents=True)
+        argv = self._argv(files, "kvm", 128, 1, [])
+        proc = QemuProcess.spawn(argv, files)
+        try:
+            conn = await TetherConnection.connect(str(files.ctl), 3)
+            try:
+                await conn.request("hello", version=PROTOCOL_VERSION, timeout=KVM_PROBE_TIMEOUT)
+                return True
+            finally:
+                await conn.close()
+        except (TetherError, OSError):
+            return False
+        finally:
+            proc.kill()
+            await proc.wait(5)
+            shutil.rmtree(files.dir, ignore_errors=True)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "backend": "microvm",
+            "accelerator": self.accel,
+            "guest_kernel": self.kernel_release,
+            "qemu": qemu_version(),
+        }
+
+    # --- per container -----------------------------------------------------------
+
+    def files(self, cid: str) -> VMFiles:
+        return VMFiles(self.vms / cid[:16])
+
+    def _argv(
+        self, files: VMFiles, accel: str, mem: int, cpus: int, disks: list[tuple[Path, str, bool]]
+    ) -> list[str]:
+        return build_cmdline(
+            files=files,
+            kernel=self.guest_dir / "vmlinux",
+            initrd=self.guest_dir / "initrd.img",
+            accel=accel,
+            memory_mb=mem,
+            cpus=cpus,
+            disks=disks,
+        )
+
+    async def create(self, spec: VMSpec) -> None:
+        files = self.files(spec.container_id)
+        files.dir.mkdir(parents=True, exist_ok=True)
+        (files.dir / "id").write_text(spec.container_id)
+        cmd = [
+            "qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
+            "-b", str(spec.image_disk), str(files.root_disk),
+        ]
+        proc = await asyncio.create_subprocess_exec(
+            *cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise VicdError(f"cannot create the container disk: {out.decode().strip()}")
+
+    async def start(self, spec: VMSpec, sink: OutputSink) -> MicroVM:
+        files = self.files(spec.container_id)
+        for sock in (files.ctl, files.qmp):
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+        disks = [(files.root_disk, "qcow2", False)]
+        disks += [(d.path, d.fmt, d.read_only) for d in spec.disks]
+        argv = self._argv(files, self.accel, spec.memory_mb, spec.cpus, disks)
+        t0 = time.monotonic()
+        proc = QemuProcess.spawn(argv, files)
+        try:
+            conn = await TetherConnection.connect(str(files.ctl), 10)
+            vm = MicroVM(spec.container_id, files, proc, conn)
+            hello = await conn.request("hello", version=PROTOCOL_VERSION, timeout=BOOT_TIMEOUT)
+            t_boot = time.monotonic() - t0
+            channel = conn.open_channel(1, sink)
+            config = {
+                "root": "/dev/vda",
+                "fstype": "ext4",
+                "hostname": spec.hostname,
+                "time_ns": time.time_ns(),
+                "seed": base64.b64encode(os.urandom(64)).decode(),
+                **_process_fields(spec.process),
+            }
+            try:
+                reply = await conn.request("run", config=config, timeout=30)
+            except TetherError as e:
+                code = (getattr(e, "reply", None) or {}).get("exit_code", 1)
+                raise StartError(_runtime_error(e.message), int(code)) from None
+            vm.main = GuestProc(vm, 1, channel, int(reply.get("pid", 0)))
+            log.info(
+                "container %s: VM pid %d booted in %.0f ms (%s, kernel %s)",
+                spec.container_id[:12], proc.pid, t_boot * 1000, self.accel,
+                hello.get("kernel"),
+            )
+            return vm
+        except BaseException as e:
+            proc.kill()
+            await proc.wait(5)
+            if isinstance(e, TetherError):
+                tail = _tail(files.console)
+                raise VicdError(f"the container VM failed to boot: {e.message}{tail}") from None
+            raise
+
+    async def reattach(self, container_id: str, sink: OutputSink) -> MicroVM | None:
+        files = self.files(container_id)
+        pid = live_qemu_pid(files)
+        if pid is None:
+            return None
+        proc = QemuProcess(pid)
+        try:
+            conn = await TetherConnection.connect(str(files.ctl), 5)
+            channel = conn.open_channel(1, sink)
+            hello = await conn.request("hello", version=PROTOCOL_VERSION, timeout=10)
+        except (TetherError, OSError) as e:
+            log.warning("container %s: cannot reach its guest (%s); killing the VM",
+                        container_id[:12], e)
+            proc.kill()
+            return None
+        if hello.get("state") == "waiting":
+            # The daemon died between boot and run: that start never happened.
+            proc.kill()
+            await conn.close()
+            return None
+        vm = MicroVM(container_id, files, proc, conn)
+        vm.main = GuestProc(vm, 1, channel, int(hello.get("pid", 0) or 0))
+        if hello.get("state") == "exited" and not channel.exit.done():
+            channel.exit.set_result(int(hello.get("exit_code") or 0))
+        return vm
+
+    async def running_ids(self) -> set[str]:
+        out = set()
+        if not self.vms.exists():
+            return out
+        for d in self.vms.iterdir():
+            files = VMFiles(d)
+            if live_qemu_pid(files) is None:
+                continue
+            try:
+                out.add((d / "id").read_text().strip())
+            except OSError:
+                out.add(d.name)
+        return out
+
+    async def destroy(self, container_id: str) -> None:
+        files = self.files(container_id)
+        pid = live_qemu_pid(files)
+        if pid is not None:
+            proc = QemuProcess(pid)
+            proc.kill()
+            await proc.wait(5)
+
+    async def remove(self, container_id: str) -> None:
+        await self.destroy(container_id)
+        shutil.rmtree(self.files(container_id).dir, ignore_errors=True)
+
+
+def _runtime_error(msg: str) -> str:
+    # The shape runc's errors have on dockerd, which the CLI matches to pick exit codes.
+    return (
+        "failed to create task for container: failed to create shim task: "
+        f"OCI runtime create failed: {msg}: unknown"
+    )
+
+
+def _tail(path: Path, n: int = 600) -> str:
+    try:
+        data = path.read_bytes()[-n:].decode(errors="replace").strip()
+    except OSError:
+        return ""
+    return f" (console: ...{data})" if data else ""

@@ -1,0 +1,15 @@
+"""The embedded default compute backend: one local QEMU microVM per container."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vicd.config import Config
+from vicd.hookspecs import hookimpl
+
+
+@hookimpl(trylast=True)
+def register_compute_backends(config: Config) -> dict[str, Any]:
+    from vicd.plugins.microvm.backend import MicroVMBackend
+
+    return {"microvm": MicroVMBackend}

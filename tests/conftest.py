@@ -1,0 +1,143 @@
+"""Fixtures that start real things: the guest build, a vicd daemon, the docker CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+GUEST_DIR = Path(os.environ.get("VICD_GUEST_DIR", REPO / ".cache" / "guest"))
+DOCKER = shutil.which("docker") or "/usr/local/bin/docker"
+
+
+def _ping(sock: Path) -> bool:
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(1)
+        s.connect(str(sock))
+        s.sendall(b"GET /_ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = s.recv(100)
+        s.close()
+        return data.startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
+@dataclass
+class Vicd:
+    sock: Path
+    data_root: Path
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return f"unix://{self.sock}"
+
+    def start(self, *extra: str) -> None:
+        cmd = [sys.executable, "-m", "vicd.cli", "serve", "--host", self.host,
+               "--data-root", str(self.data_root), "--guest-dir", str(GUEST_DIR), *extra]
+        logf = open(self.log, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vicd exited: {self.log.read_text()[-3000:]}")
+            if _ping(self.sock):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"vicd did not answer: {self.log.read_text()[-3000:]}")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def docker(self, *args: str, input: bytes | None = None, check: bool = True,
+               timeout: float = 180, env: dict[str, str] | None = None
+               ) -> subprocess.CompletedProcess[str]:
+        full_env = {**os.environ, "DOCKER_HOST": self.host, **(env or {})}
+        full_env.pop("DOCKER_API_VERSION", None)
+        r = subprocess.run([DOCKER, *args], input=input, capture_output=True,
+                           timeout=timeout, env=full_env)
+        out = subprocess.CompletedProcess(r.args, r.returncode, r.stdout.decode(errors="replace"),
+                                          r.stderr.decode(errors="replace"))
+        if check and r.returncode != 0:
+            raise AssertionError(f"docker {' '.join(args)} -> {r.returncode}\n{out.stdout}\n"
+                                 f"{out.stderr}")
+        return out
+
+    def inspect(self, ref: str) -> dict:
+        return json.loads(self.docker("inspect", ref).stdout)[0]
+
+    def kill_vms(self) -> None:
+        """Stop every QEMU this daemon started (they outlive the daemon by design)."""
+        for pidfile in self.data_root.glob("microvm/vms/*/qemu.pid"):
+            try:
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+            except (OSError, ValueError):
+                pass
+
+
+@pytest.fixture(scope="session")
+def guest_dir() -> Path:
+    subprocess.run(["bash", str(REPO / "contrib/guest/build.sh"), str(GUEST_DIR)], check=True)
+    return GUEST_DIR
+
+
+@pytest.fixture(scope="session")
+def busybox_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("rootfs") / "busybox.tar"
+    subprocess.run(["bash", str(REPO / "contrib/guest/mkrootfs-busybox.sh"), str(out)],
+                   check=True)
+    return out
+
+
+def _new_vicd(base: Path) -> Vicd:
+    # AF_UNIX paths are short: keep the socket out of pytest's deep tmp dirs.
+    sockdir = Path(f"/tmp/vicd-test-{os.getpid()}-{time.monotonic_ns()}")
+    sockdir.mkdir()
+    return Vicd(sock=sockdir / "d.sock", data_root=base / "data", log=base / "vicd.log")
+
+
+@pytest.fixture(scope="session")
+def vicd(guest_dir: Path, busybox_tar: Path, tmp_path_factory: pytest.TempPathFactory
+         ) -> Iterator[Vicd]:
+    """One daemon for the session, with busybox:latest imported."""
+    d = _new_vicd(tmp_path_factory.mktemp("vicd"))
+    d.start()
+    d.docker("import", str(busybox_tar), "busybox:latest")
+    yield d
+    d.stop()
+    d.kill_vms()
+
+
+@pytest.fixture
+def fresh_vicd(guest_dir: Path, busybox_tar: Path, tmp_path: Path) -> Iterator[Vicd]:
+    """A daemon of the test's own (for restarts and kill -9)."""
+    d = _new_vicd(tmp_path)
+    d.start()
+    d.docker("import", str(busybox_tar), "busybox:latest")
+    yield d
+    d.stop()
+    d.kill_vms()

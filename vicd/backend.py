@@ -1,0 +1,147 @@
+"""What the engine asks of a compute backend, and the VM spec it hands over.
+
+The engine knows these types only; how a VM is made (QEMU, vSphere) lives
+in the backend plugins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from vicd.errors import VicdError
+
+# Output from a guest process: (stream, data) with stream 1 = stdout, 2 = stderr.
+OutputSink = Callable[[int, bytes], None]
+
+
+@dataclass
+class ProcessSpec:
+    args: list[str]
+    env: list[str] = field(default_factory=list)
+    cwd: str = "/"
+    user: str = ""
+    tty: bool = False
+    stdin: bool = False
+    rows: int = 0
+    cols: int = 0
+
+
+@dataclass
+class DiskSpec:
+    """An extra disk for the VM (volumes). ``target`` is where the guest mounts it."""
+
+    path: Path
+    target: str
+    read_only: bool = False
+    fmt: str = "raw"
+
+
+@dataclass
+class VMSpec:
+    container_id: str
+    name: str
+    image_id: str
+    image_disk: Path
+    hostname: str
+    process: ProcessSpec
+    memory_mb: int
+    cpus: int
+    disks: list[DiskSpec] = field(default_factory=list)
+    nics: list[dict[str, Any]] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class GuestStats:
+    """Figures sampled inside the guest, raw, for the engine to turn into Docker's shape."""
+
+    cpu_ns: int
+    system_ns: int
+    online_cpus: int
+    mem_total: int
+    mem_used: int
+    mem_cache: int
+    pids: int
+
+
+class GuestProcess(Protocol):
+    """A process in a VM: the container's main one or an exec."""
+
+    pid: int
+
+    def write_stdin(self, data: bytes) -> None: ...
+    def close_stdin(self) -> None: ...
+    async def signal(self, signum: int) -> None: ...
+    async def resize(self, rows: int, cols: int) -> None: ...
+    async def wait(self) -> int: ...
+
+
+class VM(Protocol):
+    """A running container VM as the engine sees it."""
+
+    main: GuestProcess
+    pid: int  # the host-side process (QEMU) id, for inspect's State.Pid
+
+    async def exec(self, spec: ProcessSpec, sink: OutputSink) -> GuestProcess: ...
+    async def ps(self) -> list[dict[str, Any]]: ...
+    async def stats(self) -> GuestStats: ...
+    async def pause(self) -> None: ...
+    async def resume(self) -> None: ...
+    async def kill(self) -> None:
+        """End the VM at once (the process exit code becomes 137)."""
+        ...
+
+    async def wait(self) -> int:
+        """Wait until the VM ended; returns the main process's exit code."""
+        ...
+
+
+class ComputeBackend(Protocol):
+    name: str
+
+    async def setup(self) -> None:
+        """Once at daemon start: probe accelerators, check the guest build."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """Facts for ``docker info``: kernel of the guest, accelerator, ..."""
+        ...
+
+    async def create(self, spec: VMSpec) -> None:
+        """Make the container's disks (its copy-on-write root)."""
+        ...
+
+    async def start(self, spec: VMSpec, sink: OutputSink) -> VM:
+        """Boot the VM and start its main process; output goes to ``sink``."""
+        ...
+
+    async def reattach(self, container_id: str, sink: OutputSink) -> VM | None:
+        """After a daemon restart: the container's VM if it still runs, else None."""
+        ...
+
+    async def running_ids(self) -> set[str]:
+        """Containers whose VMs run now (to reconcile records and reap orphans)."""
+        ...
+
+    async def destroy(self, container_id: str) -> None:
+        """Kill an orphan VM that has no record."""
+        ...
+
+    async def remove(self, container_id: str) -> None:
+        """Delete the container's disks and VM files."""
+        ...
+
+
+
+
+class StartError(VicdError):
+    """The guest could not start the process; ``exit_code`` is 127/126/1 as runc gives."""
+
+    status = 400
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

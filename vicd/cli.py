@@ -1,0 +1,76 @@
+"""The ``vicd`` command: ``serve`` and ``plugins``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from vicd import __version__
+from vicd.config import load_config
+from vicd.errors import VicdError
+
+
+class KeyValueFormatter(logging.Formatter):
+    """One structured line per record: time, level, logger, then the message's key=values."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        base = (f"time={self.formatTime(record, '%Y-%m-%dT%H:%M:%S')} "
+                f"level={record.levelname.lower()} logger={record.name} "
+                f"msg={json.dumps(record.getMessage())}")
+        if record.exc_info:
+            base += " exc=" + json.dumps(self.formatException(record.exc_info))
+        return base
+
+
+def setup_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(KeyValueFormatter())
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="vicd", description="Docker API daemon, one VM a container")
+    p.add_argument("--version", action="version", version=f"vicd {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="run the daemon")
+    s.add_argument("-H", "--host", action="append", dest="hosts",
+                   help="socket to listen on, e.g. unix:///var/run/vicd.sock (repeatable)")
+    s.add_argument("--data-root", type=Path)
+    s.add_argument("--backend")
+    s.add_argument("--config", type=Path, help="TOML configuration file")
+    s.add_argument("--guest-dir", type=Path, help="where contrib/guest/build.sh put the guest")
+    s.add_argument("--accel", choices=["auto", "kvm", "tcg"])
+    s.add_argument("-D", "--debug", action="store_true", default=None)
+    s.add_argument("--group", dest="socket_group", help="group owning the unix socket")
+    sub.add_parser("plugins", help="list loaded plugins")
+    args = p.parse_args(argv)
+    if args.cmd == "plugins":
+        from vicd.plugin_manager import make_plugin_manager, plugin_list
+
+        for item in plugin_list(make_plugin_manager()):
+            print(f"{item['name']}\t{item['version']}\t{','.join(item['hooks'])}")
+        return 0
+    overrides = {k: getattr(args, k) for k in
+                 ("hosts", "data_root", "backend", "guest_dir", "accel", "debug",
+                  "socket_group")}
+    try:
+        config = load_config(args.config, overrides)
+    except VicdError as e:
+        print(f"vicd: {e.message}", file=sys.stderr)
+        return 2
+    setup_logging(config.debug)
+    from vicd.daemon import serve
+
+    try:
+        asyncio.run(serve(config))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

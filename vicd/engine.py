@@ -1,0 +1,836 @@
+"""The container engine: state machine, restart policies, names, attach and exec.
+
+It knows neither HTTP nor how a VM is made: the API layer calls it, and it
+calls a compute backend (``vicd.backend``) and the plugin hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from vicd import container as cs
+from vicd.backend import VM, ComputeBackend, GuestProcess, ProcessSpec, StartError, VMSpec
+from vicd.config import Config
+from vicd.container import Container
+from vicd.errors import Conflict, InvalidParameter, NotFound, NotModified, VicdError
+from vicd.events import EventBus
+from vicd.image_store import ImageStore
+from vicd.logs import LogWriter
+from vicd.names import check_name, new_id, random_name
+from vicd.plugin_manager import call_broadcast
+from vicd.signals import parse_signal
+from vicd.store import ContainerStore
+from vicd.timefmt import rfc3339_now
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+RESTART_POLICIES = {"", "no", "always", "unless-stopped", "on-failure"}
+
+# An attachment receives (stream, data); None marks the end of the output.
+Chunk = tuple[int, bytes] | None
+
+
+@dataclass
+class Attachment:
+    streams: set[int]
+    queue: asyncio.Queue[Chunk] = field(default_factory=asyncio.Queue)
+
+
+@dataclass
+class Runtime:
+    """What exists only while the daemon runs: the VM handle, log writer, waiters."""
+
+    vm: VM | None = None
+    log: LogWriter | None = None
+    monitor: asyncio.Task[None] | None = None
+    attachments: list[Attachment] = field(default_factory=list)
+    stdin_buffer: list[bytes] = field(default_factory=list)
+    stdin_closed: bool = False
+    exit_waiters: list[asyncio.Future[int]] = field(default_factory=list)
+    removed_waiters: list[asyncio.Future[int]] = field(default_factory=list)
+    running: asyncio.Event = field(default_factory=asyncio.Event)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class Exec:
+    id: str
+    container_id: str
+    config: dict[str, Any]
+    running: bool = False
+    exit_code: int | None = None
+    pid: int = 0
+    process: GuestProcess | None = None
+    attachment: Attachment | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Engine:
+    def __init__(
+        self,
+        config: Config,
+        pm: pluggy.PluginManager,
+        backend: ComputeBackend,
+        images: ImageStore,
+        events: EventBus,
+    ) -> None:
+        self.config = config
+        self.pm = pm
+        self.backend = backend
+        self.images = images
+        self.events = events
+        self.store = ContainerStore(config.data_root / "containers")
+        self.containers: dict[str, Container] = {}
+        self.runtimes: dict[str, Runtime] = {}
+        self.execs: dict[str, Exec] = {}
+        self._name_lock = asyncio.Lock()
+
+    # --- lookup ---------------------------------------------------------------
+
+    def get(self, ref: str) -> Container:
+        """By full id, name (with or without slash), or unique id prefix, like dockerd."""
+        if ref in self.containers:
+            return self.containers[ref]
+        name = ref.lstrip("/")
+        for c in self.containers.values():
+            if c.name == name:
+                return c
+        if ref:
+            hits = [c for c in self.containers.values() if c.id.startswith(ref)]
+            if len(hits) == 1:
+                return hits[0]
+            if len(hits) > 1:
+                raise InvalidParameter(f"multiple IDs found with provided prefix: {ref}")
+        raise NotFound(f"No such container: {ref}")
+
+    def rt(self, c: Container) -> Runtime:
+        return self.runtimes.setdefault(c.id, Runtime())
+
+    def image_in_use(self, image_id: str) -> bool:
+        return any(c.image_id == image_id for c in self.containers.values())
+
+    # --- startup and reconciliation ------------------------------------------
+
+    async def load(self) -> None:
+        """Read stored records and reconcile them with the VMs that really run."""
+        for c in self.store.load_all():
+            self.containers[c.id] = c
+        running = await self.backend.running_ids()
+        for cid in running - set(self.containers):
+            log.warning("destroying orphan VM of unknown container %s", cid)
+            await self.backend.destroy(cid)
+        for c in list(self.containers.values()):
+            if c.state.status == cs.REMOVING:
+                await self._finish_remove(c)
+                continue
+            if not c.state.running:
+                continue
+            vm = None
+            if c.id in running:
+                vm = await self.backend.reattach(c.id, self._sink(c))
+            if vm is None:
+                log.info("container %s: VM gone while the daemon was down", c.short_id)
+                await self._exited(c, 137, "VM ended while the daemon was down")
+                await self._apply_restart_policy(c, 137)
+                continue
+            rt = self.rt(c)
+            rt.vm = vm
+            rt.log = LogWriter(self.log_path(c))
+            rt.running.set()
+            if c.state.status == cs.RESTARTING:
+                c.state.status = cs.RUNNING
+                self.store.save(c)
+            rt.monitor = asyncio.create_task(self._monitor(c, vm))
+            log.info("container %s: reattached to its running VM", c.short_id)
+        for c in list(self.containers.values()):
+            if not c.state.running and c.restart_policy[0] == "always" and c.has_been_started:
+                # dockerd starts "always" containers when the daemon starts.
+                asyncio.create_task(self._restart_quietly(c))
+
+    async def shutdown(self) -> None:
+        """Leave VMs running (they survive the daemon); stop watching them."""
+        for rt in self.runtimes.values():
+            if rt.monitor:
+                rt.monitor.cancel()
+            if rt.log:
+                rt.log.flush_partial()
+
+    def log_path(self, c: Container) -> Any:
+        return self.store.dir_for(c.id) / f"{c.id}-json.log"
+
+    # --- create ---------------------------------------------------------------
+
+    async def create(
+        self, name: str | None, cfg: dict[str, Any], host_config: dict[str, Any]
+    ) -> tuple[Container, list[str]]:
+        image_ref = cfg.get("Image") or ""
+        if not image_ref:
+            raise InvalidParameter("config cannot be empty in order to create a container")
+        image = self.images.get(image_ref)
+        warnings: list[str] = []
+        host_config = dict(host_config or {})
+        _validate_host_config(host_config)
+        merged = _merge_image_config(cfg, image.config.get("config") or {})
+        entrypoint = merged.get("Entrypoint") or []
+        cmd = merged.get("Cmd") or []
+        argv = list(entrypoint) + list(cmd)
+        if not argv:
+            raise InvalidParameter("No command specified")
+        async with self._name_lock:
+            cid = new_id()
+            if name:
+                name = check_name(name)
+                self._check_name_free(name)
+            else:
+                name = self._unique_random_name()
+            merged["Hostname"] = merged.get("Hostname") or cid[:12]
+            c = Container(
+                id=cid,
+                name=name,
+                created=rfc3339_now(),
+                image_id=image.id,
+                image_ref=image_ref,
+                path=argv[0],
+                args=argv[1:],
+                config=merged,
+                host_config=host_config,
+            )
+            self.containers[cid] = c
+            self.store.save(c)
+        try:
+            spec = await self._vm_spec(c)
+            await self.backend.create(spec)
+        except BaseException:
+            self.containers.pop(cid, None)
+            self.store.delete(cid)
+            raise
+        self.events.publish("container", "create", c.id, **self._attrs(c))
+        await call_broadcast(self.pm, "container_created", container=c)
+        return c, warnings
+
+    def _check_name_free(self, name: str, exclude: str | None = None) -> None:
+        for other in self.containers.values():
+            if other.name == name and other.id != exclude:
+                raise Conflict(
+                    f'Conflict. The container name "/{name}" is already in use by container '
+                    f'"{other.id}". You have to remove (or rename) that container to be able '
+                    "to reuse that name."
+                )
+
+    def _unique_random_name(self) -> str:
+        taken = {c.name for c in self.containers.values()}
+        while True:
+            n = random_name()
+            if n not in taken:
+                return n
+            n = f"{n}{len(taken)}"
+            if n not in taken:
+                return n
+
+    async def _vm_spec(self, c: Container) -> VMSpec:
+        cfg, hc = c.config, c.host_config
+        size = self.config.rootfs_size_mb * 1024 * 1024
+        disk = await asyncio.to_thread(self.images.rootfs_disk, c.image_id, size)
+        memory = int(hc.get("Memory") or 0)
+        mem_mb = self.config.vm_memory_mb if memory <= 0 else math.ceil(memory / 2**20)
+        mem_mb = max(mem_mb, self.config.vm_min_memory_mb)
+        nano = int(hc.get("NanoCpus") or 0)
+        cpus = max(1, math.ceil(nano / 1e9)) if nano else 1
+        console = hc.get("ConsoleSize") or [0, 0]
+        return VMSpec(
+            container_id=c.id,
+            name=c.name,
+            image_id=c.image_id,
+            image_disk=disk,
+            hostname=cfg.get("Hostname") or c.id[:12],
+            process=ProcessSpec(
+                args=[c.path, *c.args],
+                env=list(cfg.get("Env") or []),
+                cwd=cfg.get("WorkingDir") or "/",
+                user=cfg.get("User") or "",
+                tty=bool(cfg.get("Tty")),
+                stdin=bool(cfg.get("OpenStdin")),
+                rows=int(console[0] or 0),
+                cols=int(console[1] or 0),
+            ),
+            memory_mb=mem_mb,
+            cpus=cpus,
+            labels=dict(cfg.get("Labels") or {}),
+        )
+
+    # --- start and the life of a VM ---------------------------------------------
+
+    def _sink(self, c: Container) -> Callable[[int, bytes], None]:
+        def sink(stream: int, data: bytes) -> None:
+            rt = self.rt(c)
+            if rt.log:
+                rt.log.write(stream, data)
+            for a in rt.attachments:
+                if stream in a.streams:
+                    a.queue.put_nowait((stream, data))
+
+        return sink
+
+    async def start(self, ref: str) -> None:
+        c = self.get(ref)
+        rt = self.rt(c)
+        async with rt.lock:
+            if c.state.status == cs.PAUSED:
+                raise Conflict("cannot start a paused container, try unpause instead")
+            if c.state.running:
+                raise NotModified("container already started")
+            if c.state.status == cs.REMOVING:
+                raise Conflict(f"container is marked for removal and cannot be started: {c.id}")
+            c.stopped_by_user = False
+            await self._start_vm(c)
+
+    async def _start_vm(self, c: Container) -> None:
+        rt = self.rt(c)
+        spec = await self._vm_spec(c)
+        await call_broadcast(self.pm, "before_start", container=c, spec=spec)
+        if rt.log is None:
+            rt.log = LogWriter(self.log_path(c))
+        try:
+            vm = await self.backend.start(spec, self._sink(c))
+        except StartError as e:
+            await self._exited(c, e.exit_code, e.message)
+            raise InvalidParameter(e.message) from e
+        rt.vm = vm
+        c.state = cs.State(status=cs.RUNNING, pid=vm.pid, started_at=rfc3339_now())
+        c.has_been_started = True
+        self.store.save(c)
+        rt.running.set()
+        for data in rt.stdin_buffer:
+            vm.main.write_stdin(data)
+        rt.stdin_buffer.clear()
+        if rt.stdin_closed:
+            vm.main.close_stdin()
+        self.events.publish("container", "start", c.id, **self._attrs(c))
+        rt.monitor = asyncio.create_task(self._monitor(c, vm))
+
+    async def _monitor(self, c: Container, vm: VM) -> None:
+        try:
+            code = await vm.wait()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the VM's end is always recorded
+            log.exception("container %s: monitor failed", c.short_id)
+            code, err = 137, str(e)
+        else:
+            err = ""
+        await self._exited(c, code, err)
+        await call_broadcast(self.pm, "after_stop", container=c, exit_code=code)
+        if c.host_config.get("AutoRemove"):
+            with contextlib.suppress(VicdError):
+                await self.remove(c.id, force=True)
+            return
+        await self._apply_restart_policy(c, code)
+
+    async def _exited(self, c: Container, code: int, error: str) -> None:
+        rt = self.rt(c)
+        rt.vm = None
+        rt.running.clear()
+        if rt.log:
+            rt.log.flush_partial()
+        c.state.status = cs.EXITED
+        c.state.pid = 0
+        c.state.exit_code = code
+        c.state.error = error
+        c.state.finished_at = rfc3339_now()
+        self.store.save(c)
+        for a in rt.attachments:
+            a.queue.put_nowait(None)
+        rt.attachments.clear()
+        rt.stdin_buffer.clear()
+        rt.stdin_closed = False
+        self.events.publish("container", "die", c.id, exitCode=str(code), **self._attrs(c))
+        for f in rt.exit_waiters:
+            if not f.done():
+                f.set_result(code)
+        rt.exit_waiters.clear()
+        for e in self.execs.values():
+            if e.container_id == c.id and e.running:
+                e.running = False
+                e.exit_code = e.exit_code if e.exit_code is not None else 137
+
+    async def _apply_restart_policy(self, c: Container, code: int) -> None:
+        policy, max_retries = c.restart_policy
+        if c.stopped_by_user or c.id not in self.containers:
+            return
+        want = (
+            policy in ("always", "unless-stopped")
+            or (policy == "on-failure" and code != 0
+                and (max_retries == 0 or c.restart_count < max_retries))
+        )
+        if not want:
+            return
+        c.state.status = cs.RESTARTING
+        self.store.save(c)
+        # dockerd's backoff starts at 100 ms and doubles; a container that ran
+        # for a while restarts at once.
+        delay = min(0.1 * (2 ** min(c.restart_count, 8)), 60.0)
+        await asyncio.sleep(delay)
+        if c.id not in self.containers or c.stopped_by_user or c.state.status != cs.RESTARTING:
+            return
+        c.restart_count += 1
+        await self._restart_quietly(c)
+
+    async def _restart_quietly(self, c: Container) -> None:
+        rt = self.rt(c)
+        async with rt.lock:
+            if c.state.status == cs.RUNNING:
+                return
+            try:
+                await self._start_vm(c)
+                self.events.publish("container", "restart", c.id, **self._attrs(c))
+            except VicdError as e:
+                log.error("container %s: restart failed: %s", c.short_id, e.message)
+
+    # --- stop, kill, restart, pause ----------------------------------------------
+
+    async def stop(self, ref: str, timeout: int | None, sig: str | None = None) -> None:
+        c = self.get(ref)
+        if c.state.status == cs.RESTARTING:
+            c.stopped_by_user = True
+            await self._exited(c, c.state.exit_code, "")
+            return
+        if not c.state.running:
+            raise NotModified("container already stopped")
+        c.stopped_by_user = True
+        self.store.save(c)
+        await self._stop_running(c, timeout, sig)
+        self.events.publish("container", "stop", c.id, **self._attrs(c))
+
+    async def _stop_running(self, c: Container, timeout: int | None, sig: str | None) -> None:
+        rt = self.rt(c)
+        vm = rt.vm
+        if vm is None:
+            return
+        if timeout is None:
+            st = c.config.get("StopTimeout")
+            timeout = 10 if st is None else int(st)
+        signum = parse_signal(sig or c.config.get("StopSignal"), signal.SIGTERM)
+        if c.state.status == cs.PAUSED:
+            await vm.resume()
+            c.state.status = cs.RUNNING
+        waiter = self._exit_future(c)
+        if timeout != 0:
+            self.events.publish("container", "kill", c.id, signal=str(signum), **self._attrs(c))
+            with contextlib.suppress(Exception):
+                await vm.main.signal(signum)
+            wait_for = None if timeout < 0 else timeout
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(waiter), wait_for)
+                return
+        self.events.publish("container", "kill", c.id, signal="9", **self._attrs(c))
+        await vm.kill()
+        await asyncio.shield(waiter)
+
+    def _exit_future(self, c: Container) -> asyncio.Future[int]:
+        f: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.rt(c).exit_waiters.append(f)
+        return f
+
+    async def kill(self, ref: str, sig: str | None) -> None:
+        c = self.get(ref)
+        signum = parse_signal(sig, signal.SIGKILL)
+        if not c.state.running or c.state.status == cs.RESTARTING:
+            raise Conflict(f"Container {c.id} is not running")
+        vm = self.rt(c).vm
+        if vm is None:
+            raise Conflict(f"Container {c.id} is not running")
+        self.events.publish("container", "kill", c.id, signal=str(signum), **self._attrs(c))
+        if signum == signal.SIGKILL:
+            c.stopped_by_user = True
+            waiter = self._exit_future(c)
+            if c.state.status == cs.PAUSED:
+                await vm.kill()
+            else:
+                with contextlib.suppress(Exception):
+                    await vm.main.signal(signum)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(waiter), 3)
+                    return
+                await vm.kill()
+            await asyncio.shield(waiter)
+            return
+        await vm.main.signal(signum)
+
+    async def restart(self, ref: str, timeout: int | None) -> None:
+        c = self.get(ref)
+        if c.state.running:
+            c.stopped_by_user = True
+            await self._stop_running(c, timeout, None)
+        rt = self.rt(c)
+        async with rt.lock:
+            c.stopped_by_user = False
+            if not c.state.running:
+                await self._start_vm(c)
+        self.events.publish("container", "restart", c.id, **self._attrs(c))
+
+    async def pause(self, ref: str) -> None:
+        c = self.get(ref)
+        if not c.state.running:
+            raise Conflict(f"Container {c.id} is not running")
+        if c.state.status == cs.PAUSED:
+            raise Conflict(f"Container {c.id} is already paused")
+        vm = self.rt(c).vm
+        assert vm is not None
+        await vm.pause()
+        c.state.status = cs.PAUSED
+        self.store.save(c)
+        self.events.publish("container", "pause", c.id, **self._attrs(c))
+
+    async def unpause(self, ref: str) -> None:
+        c = self.get(ref)
+        if c.state.status != cs.PAUSED:
+            raise Conflict(f"Container {c.id} is not paused")
+        vm = self.rt(c).vm
+        assert vm is not None
+        await vm.resume()
+        c.state.status = cs.RUNNING
+        self.store.save(c)
+        self.events.publish("container", "unpause", c.id, **self._attrs(c))
+
+    async def rename(self, ref: str, new_name: str) -> None:
+        c = self.get(ref)
+        if not new_name:
+            raise InvalidParameter("Neither old nor new names may be empty")
+        new = check_name(new_name)
+        async with self._name_lock:
+            if new == c.name:
+                raise Conflict("Renaming a container with the same name as its current name")
+            self._check_name_free(new, exclude=c.id)
+            old = c.name
+            c.name = new
+            self.store.save(c)
+        self.events.publish("container", "rename", c.id, oldName=f"/{old}", **self._attrs(c))
+
+    # --- remove -------------------------------------------------------------------
+
+    async def remove(self, ref: str, force: bool = False, volumes: bool = False) -> None:
+        c = self.get(ref)
+        if c.state.status == cs.REMOVING:
+            raise Conflict(f"removal of container {c.id} is already in progress")
+        if c.state.running and c.state.status != cs.RESTARTING:
+            if not force:
+                verb = "paused" if c.state.status == cs.PAUSED else "running"
+                raise Conflict(
+                    f"You cannot remove a {verb} container {c.id}. "
+                    f"{'Unpause and then stop' if verb == 'paused' else 'Stop'} the container "
+                    "before attempting removal or force remove"
+                )
+            c.stopped_by_user = True
+            vm = self.rt(c).vm
+            if vm is not None:
+                waiter = self._exit_future(c)
+                self.events.publish("container", "kill", c.id, signal="9", **self._attrs(c))
+                await vm.kill()
+                await asyncio.shield(waiter)
+        c.stopped_by_user = True
+        c.state.status = cs.REMOVING
+        self.store.save(c)
+        await self._finish_remove(c)
+
+    async def _finish_remove(self, c: Container) -> None:
+        rt = self.runtimes.pop(c.id, None)
+        if rt and rt.log:
+            rt.log.close()
+        if rt and rt.monitor and rt.monitor is not asyncio.current_task():
+            rt.monitor.cancel()
+        await self.backend.remove(c.id)
+        self.store.delete(c.id)
+        self.containers.pop(c.id, None)
+        for eid in c.exec_ids:
+            self.execs.pop(eid, None)
+        self.events.publish("container", "destroy", c.id, **self._attrs(c))
+        await call_broadcast(self.pm, "container_removed", container=c)
+        if rt:
+            for f in rt.removed_waiters + rt.exit_waiters:
+                if not f.done():
+                    f.set_result(c.state.exit_code)
+
+    async def prune(self, filters: dict[str, list[str]]) -> list[str]:
+        from vicd.filters import container_matches
+
+        removed = []
+        for c in list(self.containers.values()):
+            if c.state.running or c.state.status == cs.REMOVING:
+                continue
+            if not container_matches(c, filters, self, prune=True):
+                continue
+            with contextlib.suppress(VicdError):
+                await self.remove(c.id)
+                removed.append(c.id)
+        return removed
+
+    # --- wait ------------------------------------------------------------------------
+
+    async def wait(self, ref: str, condition: str) -> asyncio.Future[int]:
+        """A future for the exit code; resolved per Docker's wait conditions."""
+        c = self.get(ref)
+        rt = self.rt(c)
+        loop = asyncio.get_running_loop()
+        f: asyncio.Future[int] = loop.create_future()
+        if condition in ("", "not-running"):
+            if not c.state.running or c.state.status == cs.RESTARTING and rt.vm is None:
+                f.set_result(c.state.exit_code)
+            else:
+                rt.exit_waiters.append(f)
+        elif condition == "next-exit":
+            rt.exit_waiters.append(f)
+        elif condition == "removed":
+            rt.removed_waiters.append(f)
+        else:
+            raise InvalidParameter(f"invalid condition: {condition!r}")
+        return f
+
+    # --- attach ------------------------------------------------------------------------
+
+    def attach(self, ref: str, stdout: bool, stderr: bool) -> tuple[Container, Attachment]:
+        c = self.get(ref)
+        streams = set()
+        if stdout:
+            streams.add(1)
+        if stderr:
+            streams.add(2)
+        a = Attachment(streams=streams)
+        self.rt(c).attachments.append(a)
+        self.events.publish("container", "attach", c.id, **self._attrs(c))
+        return c, a
+
+    def detach(self, c: Container, a: Attachment) -> None:
+        rt = self.runtimes.get(c.id)
+        if rt and a in rt.attachments:
+            rt.attachments.remove(a)
+
+    def write_stdin(self, c: Container, data: bytes) -> None:
+        rt = self.rt(c)
+        if not c.config.get("OpenStdin"):
+            return
+        if rt.vm is None:
+            rt.stdin_buffer.append(data)
+        else:
+            rt.vm.main.write_stdin(data)
+
+    def close_stdin(self, c: Container) -> None:
+        """The attached client ended its input; with StdinOnce the process sees EOF."""
+        if not c.config.get("StdinOnce"):
+            return
+        rt = self.rt(c)
+        if rt.vm is None:
+            rt.stdin_closed = True
+        else:
+            rt.vm.main.close_stdin()
+
+    async def resize(self, ref: str, rows: int, cols: int) -> None:
+        c = self.get(ref)
+        vm = self.rt(c).vm
+        if vm is None or not c.state.running:
+            raise Conflict(f"Container {c.id} is not running")
+        await vm.main.resize(rows, cols)
+        self.events.publish(
+            "container", "resize", c.id, height=str(rows), width=str(cols), **self._attrs(c)
+        )
+
+    # --- exec ---------------------------------------------------------------------------
+
+    def exec_create(self, ref: str, cfg: dict[str, Any]) -> Exec:
+        c = self.get(ref)
+        if c.state.status == cs.PAUSED:
+            raise Conflict(f"Container {c.id} is paused, unpause the container before exec")
+        if not c.state.running or self.rt(c).vm is None:
+            raise Conflict(f"Container {c.id} is not running")
+        if not cfg.get("Cmd"):
+            raise InvalidParameter("No exec command specified")
+        e = Exec(id=new_id(), container_id=c.id, config=cfg)
+        self.execs[e.id] = e
+        c.exec_ids.append(e.id)
+        cmd = " ".join(cfg["Cmd"])
+        self.events.publish("container", f"exec_create: {cmd}", c.id, execID=e.id,
+                            **self._attrs(c))
+        return e
+
+    def exec_get(self, exec_id: str) -> Exec:
+        e = self.execs.get(exec_id)
+        if e is None:
+            raise NotFound(f"No such exec instance: {exec_id}")
+        return e
+
+    async def exec_start(self, exec_id: str, tty: bool | None) -> Exec:
+        e = self.exec_get(exec_id)
+        if e.running or e.exit_code is not None:
+            raise Conflict(f"Exec command {exec_id} is already running")
+        c = self.get(e.container_id)
+        vm = self.rt(c).vm
+        if vm is None or not c.state.running:
+            raise Conflict(f"Container {c.id} is not running")
+        cfg = e.config
+        use_tty = bool(cfg.get("Tty")) if tty is None else bool(tty) or bool(cfg.get("Tty"))
+        env = list(c.config.get("Env") or []) + list(cfg.get("Env") or [])
+        spec = ProcessSpec(
+            args=list(cfg["Cmd"]),
+            env=env,
+            cwd=cfg.get("WorkingDir") or c.config.get("WorkingDir") or "/",
+            user=cfg.get("User") or c.config.get("User") or "",
+            tty=use_tty,
+            stdin=bool(cfg.get("AttachStdin")),
+        )
+        streams = set()
+        if cfg.get("AttachStdout", True):
+            streams.add(1)
+        if cfg.get("AttachStderr", True):
+            streams.add(2)
+        e.attachment = Attachment(streams=streams)
+
+        def sink(stream: int, data: bytes) -> None:
+            if e.attachment and stream in e.attachment.streams:
+                e.attachment.queue.put_nowait((stream, data))
+
+        e.running = True
+        try:
+            proc = await vm.exec(spec, sink)
+        except StartError as err:
+            e.running = False
+            e.exit_code = err.exit_code
+            e.attachment.queue.put_nowait((2, (err.message + "\r\n").encode()))
+            e.attachment.queue.put_nowait(None)
+            e.done.set()
+            return e
+        e.process = proc
+        e.pid = proc.pid
+        cmd = " ".join(cfg["Cmd"])
+        self.events.publish("container", f"exec_start: {cmd}", c.id, execID=e.id,
+                            **self._attrs(c))
+        asyncio.create_task(self._exec_monitor(c, e, proc))
+        return e
+
+    async def _exec_monitor(self, c: Container, e: Exec, proc: GuestProcess) -> None:
+        try:
+            code = await proc.wait()
+        except Exception:
+            code = 137
+        e.running = False
+        e.exit_code = code
+        if e.attachment:
+            e.attachment.queue.put_nowait(None)
+        e.done.set()
+        self.events.publish("container", "exec_die", c.id, execID=e.id, exitCode=str(code),
+                            **self._attrs(c))
+
+    async def exec_resize(self, exec_id: str, rows: int, cols: int) -> None:
+        e = self.exec_get(exec_id)
+        if e.process is None:
+            raise Conflict(f"Exec {exec_id} is not running")
+        await e.process.resize(rows, cols)
+
+    # --- figures ----------------------------------------------------------------------------
+
+    async def top(self, ref: str) -> list[dict[str, Any]]:
+        c = self.get(ref)
+        vm = self.rt(c).vm
+        if vm is None or not c.state.running:
+            raise Conflict(f"Container {c.id} is not running")
+        procs = await vm.ps()
+        self.events.publish("container", "top", c.id, **self._attrs(c))
+        return procs
+
+    async def stats_sample(self, c: Container) -> Any:
+        vm = self.rt(c).vm
+        if vm is None or c.state.status not in (cs.RUNNING, cs.PAUSED):
+            return None
+        try:
+            return await asyncio.wait_for(vm.stats(), 5)
+        except (TimeoutError, VicdError):
+            return None
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _attrs(self, c: Container) -> dict[str, str]:
+        attrs = {str(k): str(v) for k, v in (c.config.get("Labels") or {}).items()}
+        attrs.update(image=c.image_ref, name=c.name)
+        return attrs
+
+    def counts(self) -> dict[str, int]:
+        running = sum(1 for c in self.containers.values() if c.state.status == cs.RUNNING)
+        paused = sum(1 for c in self.containers.values() if c.state.status == cs.PAUSED)
+        total = len(self.containers)
+        return {
+            "Containers": total,
+            "ContainersRunning": running,
+            "ContainersPaused": paused,
+            "ContainersStopped": total - running - paused,
+        }
+
+
+def _validate_host_config(hc: dict[str, Any]) -> None:
+    rp = hc.get("RestartPolicy") or {}
+    name = rp.get("Name") or ""
+    if name not in RESTART_POLICIES:
+        raise InvalidParameter(f"invalid restart policy '{name}'")
+    retries = int(rp.get("MaximumRetryCount") or 0)
+    if retries < 0:
+        raise InvalidParameter("maximum retry count cannot be negative")
+    if retries and name != "on-failure":
+        raise InvalidParameter(
+            "invalid restart policy: maximum retry count can only be used with 'on-failure'"
+        )
+    if hc.get("AutoRemove") and name not in ("", "no"):
+        raise InvalidParameter("can't create 'AutoRemove' container with restart policy")
+    memory = int(hc.get("Memory") or 0)
+    if 0 < memory < 6 * 1024 * 1024:
+        raise InvalidParameter("Minimum memory limit allowed is 6MB")
+    if int(hc.get("NanoCpus") or 0) < 0:
+        raise InvalidParameter("invalid CPU value: must be positive")
+    nano = int(hc.get("NanoCpus") or 0)
+    import os
+
+    if nano > (os.cpu_count() or 1) * 1_000_000_000:
+        raise InvalidParameter(
+            f"Range of CPUs is from 0.01 to {os.cpu_count()}.00, as there are only "
+            f"{os.cpu_count()} CPUs available"
+        )
+
+
+def _merge_image_config(cfg: dict[str, Any], img: dict[str, Any]) -> dict[str, Any]:
+    """Docker's merge of the image's defaults under the create request."""
+    out = dict(cfg)
+    env = list(img.get("Env") or [])
+    keys = {e.split("=", 1)[0] for e in cfg.get("Env") or []}
+    out["Env"] = [e for e in env if e.split("=", 1)[0] not in keys] + list(cfg.get("Env") or [])
+    if not any(e.startswith("PATH=") for e in out["Env"]):
+        out["Env"].insert(0, DEFAULT_PATH)
+    if not cfg.get("Entrypoint") and cfg.get("Entrypoint") != [""]:
+        out["Entrypoint"] = img.get("Entrypoint")
+        if not cfg.get("Cmd"):
+            out["Cmd"] = img.get("Cmd")
+    elif cfg.get("Entrypoint") == [""]:
+        out["Entrypoint"] = None
+    for key in ("WorkingDir", "User", "StopSignal"):
+        if not cfg.get(key) and img.get(key):
+            out[key] = img[key]
+    labels = dict(img.get("Labels") or {})
+    labels.update(cfg.get("Labels") or {})
+    out["Labels"] = labels
+    for key in ("ExposedPorts", "Volumes"):
+        merged = dict(img.get(key) or {})
+        merged.update(cfg.get(key) or {})
+        out[key] = merged or None
+    if "Healthcheck" not in out and img.get("Healthcheck"):
+        out["Healthcheck"] = img["Healthcheck"]
+    return out
+
+
+def now() -> float:
+    return time.time()

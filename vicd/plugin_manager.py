@@ -1,0 +1,69 @@
+"""The plugin manager: built-ins and third-party plugins from the ``vicd`` entry-point group."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from vicd import hookspecs
+
+# Built-in plugins, registered even when vicd runs from a source tree without
+# its entry points installed.
+BUILTIN_PLUGINS = ("vicd.plugins.microvm.plugin",)
+ALLOWLIST_ENV = "VICD_PLUGINS"
+
+
+def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
+    """Build the manager. ``VICD_PLUGINS=a,b`` limits third-party plugins to those names."""
+    pm = pluggy.PluginManager("vicd")
+    pm.add_hookspecs(hookspecs)
+    for modname in BUILTIN_PLUGINS:
+        module = __import__(modname, fromlist=["_"])
+        pm.register(module, name=modname)
+    if load_entry_points:
+        allow = os.environ.get(ALLOWLIST_ENV)
+        allowed = {n.strip() for n in allow.split(",")} if allow else None
+        for ep in metadata.entry_points(group="vicd"):
+            if ep.value in BUILTIN_PLUGINS or pm.has_plugin(ep.name):
+                continue
+            if allowed is not None and ep.name not in allowed:
+                continue
+            pm.register(ep.load(), name=ep.name)
+    return pm
+
+
+def plugin_list(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
+    """What is loaded: name, version and hooks, for ``vicd plugins`` and ``docker info``."""
+    dists = {}
+    for dist, plugin in pm.list_plugin_distinfo():
+        dists[id(plugin)] = dist
+    out = []
+    for name, plugin in pm.list_name_plugin():
+        dist = dists.get(id(plugin))
+        version = dist.version if dist else _builtin_version(name)
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+        out.append({"name": name, "version": version, "hooks": hooks})
+    return out
+
+
+def _builtin_version(name: str) -> str:
+    from vicd import __version__
+
+    return __version__ if name.startswith("vicd.") else "unknown"
+
+
+async def await_me_maybe(value: Any) -> Any:
+    """Hook results may be plain values or awaitables: await the latter."""
+    if inspect.isawaitable(value):
+        return await value
+    return value
+
+
+async def call_broadcast(pm: pluggy.PluginManager, hook: str, **kwargs: Any) -> None:
+    """Call a broadcast hook and await every async implementation's result."""
+    for result in getattr(pm.hook, hook)(**kwargs):
+        await await_me_maybe(result)

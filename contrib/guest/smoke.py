@@ -3,8 +3,9 @@
 (contrib/guest/build.sh) and a busybox ext4 root disk and drives tether
 protocol v1 (docs/tether.md) end to end. Standard library only.
 
-    contrib/guest/build.sh .cache/guest
-    python3 contrib/guest/smoke.py [--out .cache/guest] [--keep]
+    python3 contrib/guest/smoke.py [--out .cache/guest] [--keep] [--no-build]
+
+It first runs contrib/guest/build.sh OUT (a no-op when OUT is up to date).
 """
 
 from __future__ import annotations
@@ -288,6 +289,24 @@ def vm_main(vm, kernel, timings):
     check(vm.wait_exit(7) == 4, "tty exec exit 4")
     check("40 120" in vm.out(7), f"size after resize: {vm.out(7)!r}")
 
+    t = time.monotonic()
+    r = vm.request("exec", chan=10, args=["dd", "if=/dev/zero", "bs=1M", "count=32"], env=[], cwd="/", user="",
+                   tty=False, stdin=False)
+    check(r["ok"] and vm.wait_exit(10, timeout=60) == 0, "exec dd 32 MiB to stdout")
+    timings["32 MiB stdout"] = time.monotonic() - t
+    check(len(vm.output.get((10, STDOUT), b"")) == 32 << 20, "all 32 MiB arrived")
+
+    t = time.monotonic()
+    r = vm.request("exec", chan=11, args=["wc", "-c"], env=[], cwd="/", user="", tty=False, stdin=True)
+    check(r["ok"], "exec wc -c with stdin")
+    blob = os.urandom(256 * 1024)
+    for _ in range(16):
+        vm.send(STDIN, 11, blob)
+    vm.send(STDIN_CLOSE, 11)
+    check(vm.wait_exit(11, timeout=60) == 0 and vm.out(11).strip() == str(16 * len(blob)),
+          f"4 MiB through stdin: wc says {vm.out(11).strip()}")
+    timings["4 MiB stdin"] = time.monotonic() - t
+
     r = vm.request("exec", chan=8, args=["sleep", "1000"], env=[], cwd="/", user="", tty=False, stdin=False)
     check(r["ok"], "exec sleep (to be killed with the container)")
 
@@ -296,6 +315,7 @@ def vm_main(vm, kernel, timings):
     timings["ps"] = time.monotonic() - t
     cmds = [p["cmd"] for p in r.get("processes", [])]
     check(r["ok"] and "sleep 1000" in cmds and all(p["pid"] > 1 for p in r["processes"]), f"ps: {cmds}")
+    print(f"       {r['processes'][0]}")
     r = vm.request("stats")
     check(r["ok"] and r["mem_total"] > 100 << 20 and r["cpu_ns"] > 0 and r["online_cpus"] == 1
           and r["pids"] >= 2, f"stats: { {k: v for k, v in r.items() if k not in ('op', 'req')} }")
@@ -347,8 +367,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(REPO, ".cache", "guest"), help="build.sh output dir")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (console logs)")
+    ap.add_argument("--no-build", action="store_true", help="do not run build.sh first")
     args = ap.parse_args()
     out = os.path.abspath(args.out)
+    if not args.no_build:
+        subprocess.run([f"{HERE}/build.sh", out], check=True)
     kernel = open(f"{out}/kernel.release").read().strip()
     work = tempfile.mkdtemp(prefix="vicd-smoke-")
     timings = {}
@@ -370,6 +393,8 @@ def main():
             vm = VM(out, f"{work}/vm{i}", disk, khz)
             test(vm, kernel, timings)
             vm = None
+        fsck = subprocess.run(["e2fsck", "-fn", disk], capture_output=True, text=True)
+        check(fsck.returncode == 0, f"root disk clean after the poweroffs (e2fsck {fsck.returncode})")
     except Failure as e:
         print(f"FAIL: {e}")
         if vm is not None:

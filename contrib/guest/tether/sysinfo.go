@@ -22,12 +22,21 @@ type procEntry struct {
 	TimeTicks  uint64 `json:"time_ticks"`
 	StartTicks uint64 `json:"start_ticks"`
 	Cmd        string `json:"cmd"`
+	User       string `json:"user"`         // name from the container's /etc/passwd, else the uid
+	Uptime     uint64 `json:"uptime_ticks"` // guest uptime, repeated per row for the daemon's convenience
 }
 
 // containerProcs lists the container's processes: everything but the
 // tether (pid 1) and kernel threads (children of kthreadd, pid 2).
 func containerProcs() []procEntry {
 	dirs, _ := os.ReadDir("/proc")
+	uptime := uptimeTicks()
+	names := map[uint32]string{}
+	for _, e := range readPasswd(containerRoot) {
+		if _, dup := names[e.uid]; !dup {
+			names[e.uid] = e.name
+		}
+	}
 	pageKB := uint64(os.Getpagesize() / 1024)
 	out := []procEntry{}
 	for _, d := range dirs {
@@ -58,7 +67,7 @@ func containerProcs() []procEntry {
 		e := procEntry{
 			Pid: pid, Ppid: ppid, State: f[0],
 			TimeTicks: num(14) + num(15), StartTicks: num(22),
-			Vsz: num(23) / 1024, Rss: num(24) * pageKB, Uid: -1,
+			Vsz: num(23) / 1024, Rss: num(24) * pageKB, Uid: -1, Uptime: uptime,
 		}
 		if st, err := os.ReadFile("/proc/" + d.Name() + "/status"); err == nil {
 			for _, l := range strings.Split(string(st), "\n") {
@@ -69,6 +78,11 @@ func containerProcs() []procEntry {
 					break
 				}
 			}
+		}
+		if n, ok := names[uint32(e.Uid)]; ok && e.Uid >= 0 {
+			e.User = n
+		} else {
+			e.User = strconv.Itoa(e.Uid)
 		}
 		cmd, _ := os.ReadFile("/proc/" + d.Name() + "/cmdline")
 		e.Cmd = strings.TrimSpace(strings.ReplaceAll(string(cmd), "\x00", " "))
@@ -81,7 +95,7 @@ func containerProcs() []procEntry {
 }
 
 func psList() (map[string]any, error) {
-	res := map[string]any{"processes": containerProcs(), "clk_tck": clkTck}
+	res := map[string]any{"processes": containerProcs(), "clk_tck": clkTck, "uptime_ticks": uptimeTicks()}
 	if st, err := os.ReadFile("/proc/stat"); err == nil {
 		for _, l := range strings.Split(string(st), "\n") {
 			if strings.HasPrefix(l, "btime ") {
@@ -143,4 +157,18 @@ func stats() (map[string]any, error) {
 	}
 	res["pids"] = len(containerProcs())
 	return res, nil
+}
+
+// uptimeTicks is the guest's uptime in clock ticks, the unit of start_ticks.
+func uptimeTicks() uint64 {
+	data, err := os.ReadFile("/proc/uptime")
+	if err != nil {
+		return 0
+	}
+	f := strings.Fields(string(data))
+	if len(f) == 0 {
+		return 0
+	}
+	v, _ := strconv.ParseFloat(f[0], 64)
+	return uint64(v * clkTck)
 }

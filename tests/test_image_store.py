@@ -263,6 +263,8 @@ def test_filters_and_prune(store: ImageStore):
     assert ids({"before": ["localhost:5000/new:2"]}) == [dangling.id, old.id]
     assert ids({"since": ["old:1"]}) == [new.id, dangling.id]
     assert match_filters(store.get("old:1"), {"reference": ["o*:1"]})
+    assert match_filters(store.get("old:1"), {"before": ["localhost:5000/new:2"]}, store)
+    assert not match_filters(old, {"since": [new.id]}, store.get)
     with pytest.raises(InvalidParameter, match="^Invalid filter 'foo'$"):
         store.list({"foo": ["x"]})
     with pytest.raises(InvalidParameter, match="^Invalid filter 'dangling=maybe'$"):

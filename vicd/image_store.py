@@ -67,8 +67,8 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 ANN_CONTAINERD_NAME = "io.containerd.image.name"
 ANN_REF_NAME = "org.opencontainers.image.ref.name"
 
-# Users of an image: the callable gets an image id and answers with a container id (str),
-# True, or a falsy value. Only used for messages and conflicts.
+# Users of an image: the callable gets an image id and answers with the id of a container
+# using it (str: gives dockerd's exact messages), True, or a falsy value.
 InUse = Callable[[str], str | bool | None]
 
 # Go's container.Config field order; _OMIT marks `omitempty` fields.
@@ -165,7 +165,7 @@ def _user_of(check: InUse | None, image_id: str) -> str | None:
     answer = check(image_id)
     if not answer:
         return None
-    return short_id(answer) if isinstance(answer, str) else ""
+    return short_id(answer) if isinstance(answer, str) else "(unknown)"
 
 
 # ---------------------------------------------------------------- docker import --change
@@ -447,10 +447,10 @@ def validate_filters(filters: dict[str, list[str]], accepted: tuple[str, ...]) -
 def match_filters(
     image: Image,
     filters: dict[str, list[str]],
-    get: Callable[[str], Image] | None = None,
+    get: Callable[[str], Image] | ImageStore | None = None,
 ) -> bool:
-    """GET /images/json filters. `before`/`since` name another image: pass `get`
-    (e.g. ImageStore.get) to resolve it."""
+    """GET /images/json filters. `before`/`since` name another image: pass the store (or
+    any `ref -> Image` callable) to resolve it."""
     validate_filters(filters, IMAGE_FILTERS)
     if filters.get("dangling"):
         dangling = not image.repo_tags and not image.repo_digests
@@ -474,10 +474,10 @@ def _created_ns(image: Image) -> int:
     return parse_time(image.config.get("created", "")) or image.created * 1_000_000_000
 
 
-def _need(get: Callable[[str], Image] | None, key: str) -> Callable[[str], Image]:
+def _need(get: Callable[[str], Image] | ImageStore | None, key: str) -> Callable[[str], Image]:
     if get is None:
         raise InvalidParameter(f"filter '{key}' needs an image store to resolve the image")
-    return get
+    return get.get if isinstance(get, ImageStore) else get
 
 
 def _match_reference(image: Image, patterns: list[str]) -> bool:

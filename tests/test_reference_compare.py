@@ -1,0 +1,318 @@
+"""The same docker CLI commands against vicd and the reference dockerd 20.10: what a user sees.
+
+Every command runs with the stock CLI (/usr/local/bin/docker 28) on both daemons; the CLI
+negotiates API 1.41 with dockerd and vicd's own version with vicd. Containers are created with
+``--network none`` on both sides (dockerd here has no bridge; vicd accepts and ignores it), so
+the command lines are identical.
+
+Container IDs differ between the daemons: outputs are compared with IDs replaced by ``<id>``.
+Where the outputs legitimately differ, the comparison is narrowed and a comment says why.
+Where vicd is wrong, the test is ``xfail(strict=True)`` with the difference in the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from conftest import Vicd
+from refdockerd import RefDockerd, dockerd  # noqa: F401
+
+NET = ("--network", "none")
+_ID64 = re.compile(r"\b[0-9a-f]{64}\b")
+_ID12 = re.compile(r"\b[0-9a-f]{12}\b")
+_TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z ", re.M)
+
+
+def norm(text: str) -> str:
+    return _ID12.sub("<id>", _ID64.sub("<id>", text))
+
+
+@dataclass
+class Seen:
+    """What the user sees of one CLI invocation, with IDs normalised."""
+    rc: int
+    out: str
+    err: str
+
+    @classmethod
+    def of(cls, r: subprocess.CompletedProcess[str]) -> Seen:
+        return cls(r.returncode, norm(r.stdout), norm(r.stderr))
+
+
+@dataclass
+class Both:
+    vicd: Vicd
+    ref: RefDockerd
+
+    def run(self, *args: str, **kw: object) -> tuple[Seen, Seen]:
+        """(vicd, dockerd) for one command; never raises on a non-zero exit."""
+        v = self.vicd.docker(*args, check=False, **kw)  # type: ignore[arg-type]
+        d = self.ref.docker(*args, check=False, **kw)  # type: ignore[arg-type]
+        return Seen.of(v), Seen.of(d)
+
+    def ok(self, *args: str) -> tuple[str, str]:
+        """Both must succeed: (vicd stdout, dockerd stdout), raw."""
+        return self.vicd.docker(*args).stdout, self.ref.docker(*args).stdout
+
+    def rm(self, *names: str) -> None:
+        for n in names:
+            self.vicd.docker("rm", "-f", n, check=False)
+            self.ref.docker("rm", "-f", n, check=False)
+
+
+@pytest.fixture
+def both(vicd: Vicd, dockerd: RefDockerd) -> Both:  # noqa: F811
+    return Both(vicd, dockerd)
+
+
+@pytest.fixture
+def exited(both: Both) -> Iterator[str]:
+    """A container that ran ``echo out; echo err >&2; exit 3`` on both daemons."""
+    name = "rc-exited"
+    both.rm(name)
+    both.run("run", *NET, "--name", name, "busybox", "sh", "-c", "echo out; echo err >&2; exit 3")
+    yield name
+    both.rm(name)
+
+
+@pytest.fixture
+def running(both: Both) -> Iterator[str]:
+    name = "rc-running"
+    both.rm(name)
+    both.ok("run", "-d", *NET, "--name", name, "busybox", "sleep", "300")
+    yield name
+    both.rm(name)
+
+
+# --- run, wait, logs -----------------------------------------------------------------------
+
+
+def test_run_exit_code_and_stream_split(both: Both):
+    both.rm("rc-run")
+    try:
+        v, d = both.run("run", *NET, "--name", "rc-run", "busybox", "sh", "-c",
+                        "echo out; echo err >&2; exit 3")
+        assert d == Seen(3, "out\n", "err\n")
+        assert v == d
+    finally:
+        both.rm("rc-run")
+
+
+def test_run_rm_exit_code(both: Both):
+    v, d = both.run("run", "--rm", *NET, "busybox", "sh", "-c", "exit 42")
+    assert d == Seen(42, "", "")
+    assert v == d
+
+
+def test_wait_output(both: Both, exited: str):
+    v, d = both.run("wait", exited)
+    assert d == Seen(0, "3\n", "")
+    assert v == d
+
+
+def test_wait_blocks_until_exit(both: Both):
+    both.rm("rc-wait")
+    try:
+        both.ok("run", "-d", *NET, "--name", "rc-wait", "busybox", "sh", "-c", "sleep 2; exit 5")
+        v, d = both.run("wait", "rc-wait")
+        assert d == Seen(0, "5\n", "")
+        assert v == d
+    finally:
+        both.rm("rc-wait")
+
+
+def test_logs_keep_streams_apart(both: Both, exited: str):
+    v, d = both.run("logs", exited)
+    assert d == Seen(0, "out\n", "err\n")
+    assert v == d
+
+
+@pytest.fixture
+def five_lines(both: Both) -> Iterator[str]:
+    # stdout only: the relative order of stdout and stderr lines is not deterministic on either
+    # daemon (two pipes read concurrently), and --tail counts lines across both streams.
+    name = "rc-lines"
+    both.rm(name)
+    both.ok("run", *NET, "--name", name, "busybox", "sh", "-c",
+            "for i in 1 2 3 4 5; do echo line$i; done")
+    yield name
+    both.rm(name)
+
+
+@pytest.mark.parametrize("tail", ["0", "1", "2", "5", "10", "all"])
+def test_logs_tail(both: Both, five_lines: str, tail: str):
+    v, d = both.run("logs", "--tail", tail, five_lines)
+    assert d.rc == 0
+    assert v == d
+
+
+def test_logs_timestamps(both: Both, five_lines: str, exited: str):
+    for args in (("-t", five_lines), ("-t", "--tail", "2", five_lines), ("-t", exited)):
+        v, d = both.run("logs", *args)
+        # Timestamps differ; their format (RFC 3339, 9 fixed fraction digits, "Z", one space)
+        # must not: _TS only matches that exact shape.
+        assert d.out and all(_TS.match(line) for line in d.out.splitlines(keepends=True))
+        assert all(_TS.match(line) for line in v.out.splitlines(keepends=True)), v.out
+        assert all(_TS.match(line) for line in v.err.splitlines(keepends=True)), v.err
+        strip = lambda s: _TS.sub("", s)  # noqa: E731
+        assert (v.rc, strip(v.out), strip(v.err)) == (d.rc, strip(d.out), strip(d.err))
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def test_inspect_missing(both: Both):
+    v, d = both.run("inspect", "rc-nosuch")
+    assert d == Seen(1, "[]\n", "Error: No such object: rc-nosuch\n")
+    assert v == d
+
+
+def test_create_name_in_use(both: Both, exited: str):
+    v, d = both.run("create", *NET, "--name", exited, "busybox", "true")
+    assert d.rc == 1 and "is already in use by container" in d.err
+    assert v == d
+
+
+def test_rm_running(both: Both, running: str):
+    v, d = both.run("rm", running)
+    assert d.rc == 1 and "You cannot remove a running container <id>" in d.err
+    assert v == d
+
+
+def test_start_missing(both: Both):
+    v, d = both.run("start", "rc-nosuch")
+    assert d == Seen(1, "", "Error response from daemon: No such container: rc-nosuch\n"
+                            "Error: failed to start containers: rc-nosuch\n")
+    assert v == d
+
+
+def test_ps_bad_filter(both: Both):
+    v, d = both.run("ps", "--filter", "foo=bar")
+    assert d == Seen(1, "", "Error response from daemon: Invalid filter 'foo'\n")
+    assert v == d
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "docker kill <stopped>: dockerd says 'Error response from daemon: Cannot kill container: "
+    "rc-exited: Container <id> is not running', vicd omits the 'Cannot kill container: "
+    "<name>: ' prefix (status 409 and CLI exit 1 agree)"))
+def test_kill_stopped(both: Both, exited: str):
+    v, d = both.run("kill", exited)
+    assert d == Seen(1, "", "Error response from daemon: Cannot kill container: rc-exited: "
+                            "Container <id> is not running\n")
+    assert v == d
+
+
+@pytest.mark.parametrize("policy", [
+    "bogus",
+    "on-failure:-1",
+    pytest.param("always:3", marks=pytest.mark.xfail(strict=True, reason=(
+        "docker create --restart always:3: dockerd 20.10 says 'maximum retry count cannot be "
+        "used with restart policy 'always'', vicd says 'invalid restart policy: maximum retry "
+        "count can only be used with 'on-failure'' (the moby >= 25 wording)"))),
+    pytest.param("unless-stopped:2", marks=pytest.mark.xfail(strict=True, reason=(
+        "docker create --restart unless-stopped:2: dockerd 20.10 says 'maximum retry count "
+        "cannot be used with restart policy 'unless-stopped'', vicd says 'invalid restart "
+        "policy: maximum retry count can only be used with 'on-failure''"))),
+])
+def test_bad_restart_policy(both: Both, policy: str):
+    v, d = both.run("create", *NET, "--restart", policy, "busybox", "true")
+    assert d.rc == 1 and d.err.startswith("Error response from daemon: ")
+    assert v == d
+
+
+def test_exec_in_stopped_container(both: Both, exited: str):
+    v, d = both.run("exec", exited, "echo", "hi")
+    assert d == Seen(1, "", "Error response from daemon: Container <id> is not running\n")
+    assert v == d
+
+
+# --- ps columns ------------------------------------------------------------------------------
+
+# Every placeholder `docker ps --format` knows except .Size (below) and .Platform (API 1.46+).
+PS_FIELDS = ["ID", "Image", "Command", "CreatedAt", "RunningFor", "Ports", "Status", "Names",
+             "Labels", "Mounts", "Networks", "State", "LocalVolumes"]
+
+
+def _ps_line(daemon: Vicd | RefDockerd, name: str, fmt: str) -> str:
+    out = daemon.docker("ps", "-a", "--no-trunc", "--filter", f"name={name}",
+                        "--format", fmt).stdout
+    assert out.count("\n") == 1, out
+    return out.strip()
+
+
+def test_ps_columns(both: Both, exited: str, running: str):
+    # The default table header (column widths follow the content, so compare the titles).
+    v, d = both.ok("ps", "-a")
+    titles = lambda out: re.split(r"\s{2,}", out.splitlines()[0].strip())  # noqa: E731
+    assert titles(d) == ["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"]
+    assert titles(v) == titles(d)
+    # The JSON form: same keys. (Platform is null on both: the CLI fills it from API >= 1.46 only,
+    # and both answer without it here.)
+    for name in (exited, running):
+        vj = json.loads(_ps_line(both.vicd, name, "{{json .}}"))
+        dj = json.loads(_ps_line(both.ref, name, "{{json .}}"))
+        assert sorted(vj) == sorted(dj)
+    fmt = "|".join("{{." + f + "}}" for f in PS_FIELDS)
+    for name, state in ((exited, "exited"), (running, "running")):
+        vf = dict(zip(PS_FIELDS, _ps_line(both.vicd, name, fmt).split("|"), strict=True))
+        df = dict(zip(PS_FIELDS, _ps_line(both.ref, name, fmt).split("|"), strict=True))
+        assert df["State"] == state and df["Names"] == name
+        # Times and IDs differ; the fields that describe the container must not.
+        for f in ("Image", "Command", "Ports", "Names", "Labels", "Mounts", "Networks", "State",
+                  "LocalVolumes"):
+            assert vf[f] == df[f], f
+        # Status: "Exited (3) 2 seconds ago" / "Up 3 seconds": compare the part before the age.
+        assert vf["Status"].split(" ")[0:2 if state == "exited" else 1] == \
+            df["Status"].split(" ")[0:2 if state == "exited" else 1]
+        assert len(vf["ID"]) == len(df["ID"]) == 64
+        for f in ("CreatedAt", "RunningFor"):
+            assert vf[f] and vf[f] != "<no value>", f
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "docker ps -a --format '{{.Size}}' (the CLI then sends size=1): dockerd prints "
+    "'0B (virtual 1.98MB)' (SizeRootFs=1984319 in /containers/json?all=1&size=1), vicd prints "
+    "'0B': it ignores size=1 and returns neither SizeRw nor SizeRootFs"))
+def test_ps_size_column(both: Both, exited: str):
+    v = _ps_line(both.vicd, exited, "{{.Size}}")
+    d = _ps_line(both.ref, exited, "{{.Size}}")
+    assert d.startswith("0B (virtual ")
+    # The rootfs sizes need not be byte-identical (different stores); the shape must match.
+    assert v.startswith("0B (virtual ")
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "docker ps -a --filter 'name=^rc-exited$': dockerd lists rc-exited (the regex also matches "
+    "the name without its leading '/'), vicd lists nothing: it only matches '^/rc-exited$'"))
+def test_ps_filter_name_anchored(both: Both, exited: str):
+    v, d = both.run("ps", "-a", "--filter", f"name=^{exited}$", "--format", "{{.Names}}")
+    assert d == Seen(0, f"{exited}\n", "")
+    assert v == d
+
+
+# --- events ----------------------------------------------------------------------------------
+
+
+def test_events_since_until_for_a_run(both: Both):
+    name = "rc-ev"
+    both.rm(name)
+    since = str(int(time.time()) - 1)
+    both.run("run", *NET, "--name", name, "busybox", "sh", "-c", "exit 4")
+    both.ok("rm", name)
+    until = str(int(time.time()) + 1)
+    fmt = "{{.Type}} {{.Action}} {{.Actor.Attributes.name}} {{.Actor.Attributes.exitCode}}"
+    v, d = both.ok("events", "--since", since, "--until", until, "--format", fmt)
+    # dockerd also reports `network connect`/`network disconnect` for the "none" network
+    # (libnetwork); vicd has no networks. Compare the container events of this container.
+    pick = lambda out: [ln for ln in out.splitlines()  # noqa: E731
+                        if ln.startswith("container ") and ln.split()[2] == name]
+    assert pick(d) == [f"container {a} {name} {'4' if a == 'die' else '<no value>'}"
+                       for a in ("create", "attach", "start", "die", "destroy")]
+    assert pick(v) == pick(d)

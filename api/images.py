@@ -13,7 +13,6 @@ from typing import Any
 from aiohttp import web
 from vicd.api.app import add_route, json_response, q_bool
 from vicd.api.keys import DAEMON, ENGINE, EVENTS, IMAGES
-from vicd.image_store import match_filters
 
 from vicd.errors import InvalidParameter, NotFound
 from vicd.filters import parse_filters
@@ -37,8 +36,8 @@ async def _body_to_file(request: web.Request) -> Path:
 async def list_images(request: web.Request) -> web.Response:
     store = request.app[IMAGES]
     filters = parse_filters(request.query.get("filters"))
-    images = await asyncio.to_thread(store.list)
-    out = [img.summary() for img in images if match_filters(img, filters, store)]
+    images = await asyncio.to_thread(store.list, filters)
+    out = [img.summary() for img in images]
     engine = request.app[ENGINE]
     for s in out:
         s["Containers"] = -1 if not q_bool(request, "shared-size") else sum(
@@ -75,7 +74,8 @@ async def remove(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     img = store.get(name)
     result = await asyncio.to_thread(
-        store.remove, name, q_bool(request, "force"), engine.image_in_use
+        store.remove, name, q_bool(request, "force"), engine.image_user,
+        engine.image_running_user,
     )
     for item in result:
         if "Untagged" in item:
@@ -89,9 +89,9 @@ async def prune(request: web.Request) -> web.Response:
     store = request.app[IMAGES]
     engine = request.app[ENGINE]
     filters = parse_filters(request.query.get("filters"))
-    dangling = filters.get("dangling", ["true"])
+    dangling = filters.pop("dangling", ["true"])
     dangling_only = not dangling or dangling[0].lower() in ("1", "true")
-    result = await asyncio.to_thread(store.prune, dangling_only, engine.image_in_use)
+    result = await asyncio.to_thread(store.prune, dangling_only, engine.image_user, filters)
     for item in result.get("ImagesDeleted") or []:
         if "Deleted" in item:
             request.app[EVENTS].publish("image", "delete", item["Deleted"])

@@ -45,11 +45,12 @@ class Vicd:
     def host(self) -> str:
         return f"unix://{self.sock}"
 
-    def start(self, *extra: str) -> None:
+    def start(self, *extra: str, env: dict[str, str] | None = None) -> None:
         cmd = [sys.executable, "-m", "vicd.cli", "serve", "--host", self.host,
                "--data-root", str(self.data_root), "--guest-dir", str(GUEST_DIR), *extra]
         logf = open(self.log, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -113,7 +114,7 @@ def busybox_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _new_vicd(base: Path) -> Vicd:
+def new_vicd(base: Path) -> Vicd:
     # AF_UNIX paths are short: keep the socket out of pytest's deep tmp dirs.
     sockdir = Path(f"/tmp/vicd-test-{os.getpid()}-{time.monotonic_ns()}")
     sockdir.mkdir()
@@ -124,7 +125,7 @@ def _new_vicd(base: Path) -> Vicd:
 def vicd(guest_dir: Path, busybox_tar: Path, tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[Vicd]:
     """One daemon for the session, with busybox:latest imported."""
-    d = _new_vicd(tmp_path_factory.mktemp("vicd"))
+    d = new_vicd(tmp_path_factory.mktemp("vicd"))
     d.start()
     d.docker("import", str(busybox_tar), "busybox:latest")
     yield d
@@ -135,7 +136,7 @@ def vicd(guest_dir: Path, busybox_tar: Path, tmp_path_factory: pytest.TempPathFa
 @pytest.fixture
 def fresh_vicd(guest_dir: Path, busybox_tar: Path, tmp_path: Path) -> Iterator[Vicd]:
     """A daemon of the test's own (for restarts and kill -9)."""
-    d = _new_vicd(tmp_path)
+    d = new_vicd(tmp_path)
     d.start()
     d.docker("import", str(busybox_tar), "busybox:latest")
     yield d

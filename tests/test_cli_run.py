@@ -23,7 +23,8 @@ def test_version_and_info(vicd: Vicd):
     assert status["Accelerator"] in ("tcg", "kvm")
     assert info["KernelVersion"] != platform.release()
     assert info["Images"] >= 1
-    assert any("vicd.plugins.microvm" in p for p in info["Plugins"]["Loaded"])
+    plugins = [v for k, v in info["DriverStatus"] if k == "Plugin"]
+    assert any(p.startswith("microvm ") for p in plugins), plugins
 
 
 def test_run_echo_in_a_vm_with_its_own_kernel(vicd: Vicd):
@@ -207,7 +208,9 @@ def test_exec(vicd: Vicd):
 def test_logs_options(vicd: Vicd):
     vicd.docker("run", "--name", "lg", "busybox", "sh", "-c",
                 "for i in 1 2 3 4 5; do echo line$i; done; echo e >&2")
-    assert vicd.docker("logs", "--tail", "2", "lg").stdout == "line4\nline5\n"
+    # As on dockerd, --tail counts the lines of both streams before picking stdout.
+    tail = vicd.docker("logs", "--tail", "2", "lg")
+    assert (tail.stdout, tail.stderr) == ("line5\n", "e\n")
     ts = vicd.docker("logs", "-t", "lg").stdout.split("\n")[0]
     assert ts.endswith(" line1") and ts[:4].isdigit()
     assert vicd.docker("logs", "--until", "2000-01-01T00:00:00Z", "lg").stdout == ""
@@ -254,7 +257,7 @@ def test_errors_look_like_dockerd(vicd: Vicd):
     assert r.returncode == 1 and "No such container: nosuch" in r.stderr
     vicd.docker("create", "--name", "dup", "busybox", "true")
     r = vicd.docker("create", "--name", "dup", "busybox", "true", check=False)
-    assert r.returncode == 125 and "is already in use" in r.stderr
+    assert r.returncode == 1 and "is already in use" in r.stderr
     r = vicd.docker("create", "--name", "bad name!", "busybox", "true", check=False)
     assert "Invalid container name" in r.stderr
     r = vicd.docker("run", "--restart", "always", "--rm", "busybox", "true", check=False)

@@ -117,8 +117,13 @@ class Engine:
     def rt(self, c: Container) -> Runtime:
         return self.runtimes.setdefault(c.id, Runtime())
 
-    def image_in_use(self, image_id: str) -> bool:
-        return any(c.image_id == image_id for c in self.containers.values())
+    def image_user(self, image_id: str) -> str | None:
+        """The id of a container made from the image, for rmi's conflict messages."""
+        return next((c.id for c in self.containers.values() if c.image_id == image_id), None)
+
+    def image_running_user(self, image_id: str) -> str | None:
+        return next((c.id for c in self.containers.values()
+                     if c.image_id == image_id and c.state.running), None)
 
     # --- startup and reconciliation ------------------------------------------
 
@@ -305,6 +310,9 @@ class Engine:
             vm = await self.backend.start(spec, self._sink(c))
         except StartError as e:
             await self._exited(c, e.exit_code, e.message)
+            if c.host_config.get("AutoRemove"):
+                # dockerd removes an --rm container whose start failed.
+                asyncio.create_task(self._remove_quietly(c))
             raise InvalidParameter(e.message) from e
         rt.vm = vm
         c.state = cs.State(status=cs.RUNNING, pid=vm.pid, started_at=rfc3339_now())
@@ -332,8 +340,7 @@ class Engine:
         await self._exited(c, code, err)
         await call_broadcast(self.pm, "after_stop", container=c, exit_code=code)
         if c.host_config.get("AutoRemove"):
-            with contextlib.suppress(VicdError):
-                await self.remove(c.id, force=True)
+            await self._remove_quietly(c)
             return
         await self._apply_restart_policy(c, code)
 
@@ -385,6 +392,10 @@ class Engine:
             return
         c.restart_count += 1
         await self._restart_quietly(c)
+
+    async def _remove_quietly(self, c: Container) -> None:
+        with contextlib.suppress(VicdError):
+            await self.remove(c.id, force=True)
 
     async def _restart_quietly(self, c: Container) -> None:
         rt = self.rt(c)

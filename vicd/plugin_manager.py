@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 from importlib import metadata
@@ -11,9 +12,9 @@ import pluggy
 
 from vicd import hookspecs
 
-# Built-in plugins, registered even when vicd runs from a source tree without
-# its entry points installed.
-BUILTIN_PLUGINS = ("vicd.plugins.microvm.plugin",)
+# Built-in plugins by entry-point name, registered even when vicd runs from a
+# source tree without its entry points installed.
+BUILTIN_PLUGINS = {"microvm": "vicd.plugins.microvm.plugin"}
 ALLOWLIST_ENV = "VICD_PLUGINS"
 
 
@@ -21,25 +22,24 @@ def make_plugin_manager(load_entry_points: bool = True) -> pluggy.PluginManager:
     """Build the manager. ``VICD_PLUGINS=a,b`` limits third-party plugins to those names."""
     pm = pluggy.PluginManager("vicd")
     pm.add_hookspecs(hookspecs)
-    for modname in BUILTIN_PLUGINS:
-        module = __import__(modname, fromlist=["_"])
-        pm.register(module, name=modname)
+    for name, modname in BUILTIN_PLUGINS.items():
+        pm.register(importlib.import_module(modname), name=name)
     if load_entry_points:
         allow = os.environ.get(ALLOWLIST_ENV)
-        allowed = {n.strip() for n in allow.split(",")} if allow else None
-        for ep in metadata.entry_points(group="vicd"):
-            if ep.value in BUILTIN_PLUGINS or pm.has_plugin(ep.name):
-                continue
-            if allowed is not None and ep.name not in allowed:
-                continue
-            pm.register(ep.load(), name=ep.name)
+        if allow:
+            allowed = {n.strip() for n in allow.split(",")}
+            for ep in metadata.entry_points(group="vicd"):
+                if ep.name not in allowed and ep.name not in BUILTIN_PLUGINS:
+                    pm.set_blocked(ep.name)
+        # Skips names already registered, so built-ins are not loaded twice.
+        pm.load_setuptools_entrypoints("vicd")
     return pm
 
 
 def plugin_list(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
     """What is loaded: name, version and hooks, for ``vicd plugins`` and ``docker info``."""
     dists = {}
-    for dist, plugin in pm.list_plugin_distinfo():
+    for plugin, dist in pm.list_plugin_distinfo():
         dists[id(plugin)] = dist
     out = []
     for name, plugin in pm.list_name_plugin():
@@ -53,7 +53,7 @@ def plugin_list(pm: pluggy.PluginManager) -> list[dict[str, Any]]:
 def _builtin_version(name: str) -> str:
     from vicd import __version__
 
-    return __version__ if name.startswith("vicd.") else "unknown"
+    return __version__ if name in BUILTIN_PLUGINS else "unknown"
 
 
 async def await_me_maybe(value: Any) -> Any:

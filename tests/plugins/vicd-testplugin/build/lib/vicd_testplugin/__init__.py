@@ -1,0 +1,40 @@
+"""Records every lifecycle hook call to $VICD_TESTPLUGIN_LOG and shapes the VM spec."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pluggy
+
+hookimpl = pluggy.HookimplMarker("vicd")
+
+
+def _record(hook: str, **fields: Any) -> None:
+    path = os.environ.get("VICD_TESTPLUGIN_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"hook": hook, **fields}) + "\n")
+
+
+@hookimpl
+def container_created(container: Any) -> None:
+    _record("container_created", id=container.id)
+
+
+@hookimpl
+async def before_start(container: Any, spec: Any) -> None:
+    # An async hook: the engine awaits it. It adds an env var the guest must see.
+    spec.process.env.append("FROM_TESTPLUGIN=yes")
+    _record("before_start", id=container.id, memory_mb=spec.memory_mb)
+
+
+@hookimpl
+def after_stop(container: Any, exit_code: int) -> None:
+    _record("after_stop", id=container.id, exit_code=exit_code)
+
+
+@hookimpl
+def container_removed(container: Any) -> None:
+    _record("container_removed", id=container.id)

@@ -159,8 +159,11 @@ class Engine:
             rt.monitor = asyncio.create_task(self._monitor(c, vm))
             log.info("container %s: reattached to its running VM", c.short_id)
         for c in list(self.containers.values()):
-            if not c.state.running and c.restart_policy[0] == "always" and c.has_been_started:
-                # dockerd starts "always" containers when the daemon starts.
+            policy = c.restart_policy[0]
+            if c.state.running or not c.has_been_started:
+                continue
+            # dockerd starts these when it starts; unless-stopped only if not stopped by hand.
+            if policy == "always" or (policy == "unless-stopped" and not c.stopped_by_user):
                 asyncio.create_task(self._restart_quietly(c))
 
     async def shutdown(self) -> None:

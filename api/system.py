@@ -80,6 +80,7 @@ async def info(request: web.Request) -> web.Response:
             ["Accelerator", binfo.get("accelerator", "")],
             ["Guest kernel", guest_kernel],
             ["QEMU", binfo.get("qemu", "")],
+            ["Templates", binfo.get("templates", "")],
             *[["Plugin", f"{p['name']} {p['version']}"] for p in plugins],
         ],
         "Plugins": {

@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from vicd import __version__
@@ -46,8 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--accel", choices=["auto", "kvm", "tcg"])
     s.add_argument("-D", "--debug", action="store_true", default=None)
     s.add_argument("--group", dest="socket_group", help="group owning the unix socket")
+    s.add_argument("--no-templates", dest="templates", action="store_false", default=None,
+                   help="cold-boot every VM (no template snapshots)")
     sub.add_parser("plugins", help="list loaded plugins")
+    t = sub.add_parser("templates", help="manage the microvm backend's template snapshots")
+    t.add_argument("action", choices=["ls", "rm", "prune"])
+    t.add_argument("key", nargs="?", default="", help="key or key prefix (rm)")
+    t.add_argument("--data-root", type=Path, default=Path("/var/lib/vicd"))
     args = p.parse_args(argv)
+    if args.cmd == "templates":
+        return templates_cmd(args.action, args.key, args.data_root)
     if args.cmd == "plugins":
         from vicd.plugin_manager import make_plugin_manager, plugin_list
 
@@ -56,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     overrides = {k: getattr(args, k) for k in
                  ("hosts", "data_root", "backend", "guest_dir", "accel", "debug",
-                  "socket_group")}
+                  "socket_group", "templates")}
     try:
         config = load_config(args.config, overrides)
     except VicdError as e:
@@ -69,6 +78,26 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(config))
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def templates_cmd(action: str, key: str, data_root: Path) -> int:
+    from vicd.plugins.microvm.templates import TemplateStore
+
+    store = TemplateStore(data_root / "microvm" / "templates", max_count=1 << 30)
+    if action == "ls":
+        print("KEY                       SIZE       MEMORY  CPUS  LAST USED")
+        for e in store.entries():
+            shape = e.get("shape", {})
+            used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["last_used"]))
+            print(f"{e['key']:<25} {e['size'] / 2**20:7.1f}MiB  {shape.get('memory_mb', '?'):>5}M"
+                  f"  {shape.get('cpus', '?'):>4}  {used}")
+        return 0
+    if action == "rm" and not key:
+        print("vicd templates rm: a key (or prefix) is required", file=sys.stderr)
+        return 2
+    for gone in store.remove("" if action == "prune" else key):
+        print(f"removed {gone}")
     return 0
 
 

@@ -29,7 +29,8 @@ from vicd.plugins.microvm.qemu import (
     live_qemu_pid,
     qemu_version,
 )
-from vicd.plugins.microvm.qmp import QMP
+from vicd.plugins.microvm.qmp import QMP, QMPError
+from vicd.plugins.microvm.templates import Shape, Template, TemplateStore, template_key
 from vicd.plugins.microvm.tether import (
     PROTOCOL_VERSION,
     STDIN,
@@ -47,6 +48,13 @@ log = logging.getLogger(__name__)
 
 BOOT_TIMEOUT = 60.0  # TCG on a loaded 2-core CI box; a boot takes ~1.5 s idle
 KVM_PROBE_TIMEOUT = 6.0
+# Every root overlay has this virtual size (sparse), so one template's disk
+# slot fits every container: the guest learnt the size at template boot.
+ROOT_SLOT_BYTES = 64 << 30
+
+
+class RestoreError(VicdError):
+    """A template could not be restored; the caller cold-boots instead."""
 
 
 class GuestProc:
@@ -181,6 +189,7 @@ class MicroVMBackend:
         self.guest_dir = config.resolved_guest_dir
         self.accel = "tcg"
         self.kernel_release = ""
+        self.templates = TemplateStore(self.root / "templates", config.templates_max)
 
     # --- setup ----------------------------------------------------------------
 
@@ -248,11 +257,15 @@ class MicroVMBackend:
             shutil.rmtree(files.dir, ignore_errors=True)
 
     def info(self) -> dict[str, Any]:
+        entries = self.templates.entries()
+        size = sum(e["size"] for e in entries)
         return {
             "backend": "microvm",
             "accelerator": self.accel,
             "guest_kernel": self.kernel_release,
             "qemu": qemu_version(),
+            "templates": (f"{len(entries)} ({size / 2**20:.1f} MiB)"
+                          if self.config.templates else "off"),
         }
 
     # --- per container -----------------------------------------------------------
@@ -261,7 +274,14 @@ class MicroVMBackend:
         return VMFiles(self.vms / cid[:16])
 
     def _argv(
-        self, files: VMFiles, accel: str, mem: int, cpus: int, disks: list[tuple[Path, str, bool]]
+        self,
+        files: VMFiles,
+        accel: str,
+        mem: int,
+        cpus: int,
+        disks: list[tuple[Path, str, bool]],
+        mem_path: Path | None = None,
+        mem_shared: bool = False,
     ) -> list[str]:
         return build_cmdline(
             files=files,
@@ -271,6 +291,8 @@ class MicroVMBackend:
             memory_mb=mem,
             cpus=cpus,
             disks=disks,
+            mem_path=mem_path,
+            mem_shared=mem_shared,
         )
 
     async def create(self, spec: VMSpec) -> None:
@@ -281,6 +303,9 @@ class MicroVMBackend:
             "qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
             "-b", str(spec.image_disk), str(files.root_disk),
         ]
+        if spec.image_disk.stat().st_size <= ROOT_SLOT_BYTES:
+            cmd.append(str(ROOT_SLOT_BYTES))
+            (files.dir / "slot").write_text(str(ROOT_SLOT_BYTES))
         proc = await asyncio.create_subprocess_exec(
             *cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
@@ -295,14 +320,17 @@ class MicroVMBackend:
                 sock.unlink()
         disks = [(files.root_disk, "qcow2", False)]
         disks += [(d.path, d.fmt, d.read_only) for d in spec.disks]
-        argv = self._argv(files, self.accel, spec.memory_mb, spec.cpus, disks)
         t0 = time.monotonic()
-        proc = QemuProcess.spawn(argv, files)
+        launched = await self._launch_from_template(spec, files, disks)
+        how = "restored from template"
+        if launched is None:
+            how = "booted"
+            argv = self._argv(files, self.accel, spec.memory_mb, spec.cpus, disks)
+            launched = await self._launch(argv, files)
+        proc, conn, hello = launched
+        t_boot = time.monotonic() - t0
+        vm = MicroVM(spec.container_id, files, proc, conn)
         try:
-            conn = await TetherConnection.connect(str(files.ctl), 10)
-            vm = MicroVM(spec.container_id, files, proc, conn)
-            hello = await conn.request("hello", version=PROTOCOL_VERSION, timeout=BOOT_TIMEOUT)
-            t_boot = time.monotonic() - t0
             channel = conn.open_channel(1, sink)
             config = {
                 "root": "/dev/vda",
@@ -317,13 +345,32 @@ class MicroVMBackend:
             except TetherError as e:
                 code = (getattr(e, "reply", None) or {}).get("exit_code", 1)
                 raise StartError(_runtime_error(e.message), int(code)) from None
-            vm.main = GuestProc(vm, 1, channel, int(reply.get("pid", 0)))
-            log.info(
-                "container %s: VM pid %d booted in %.0f ms (%s, kernel %s)",
-                spec.container_id[:12], proc.pid, t_boot * 1000, self.accel,
-                hello.get("kernel"),
-            )
-            return vm
+        except BaseException:
+            proc.kill()
+            await proc.wait(5)
+            await conn.close()
+            raise
+        vm.main = GuestProc(vm, 1, channel, int(reply.get("pid", 0)))
+        log.info(
+            "container %s: VM pid %d %s in %.0f ms (%s, kernel %s)",
+            spec.container_id[:12], proc.pid, how, t_boot * 1000, self.accel,
+            hello.get("kernel"),
+        )
+        return vm
+
+    async def _launch(
+        self, argv: list[str], files: VMFiles
+    ) -> tuple[QemuProcess, TetherConnection, dict[str, Any]]:
+        """Cold boot: start QEMU and wait for the tether's hello."""
+        proc = QemuProcess.spawn(argv, files)
+        try:
+            conn = await TetherConnection.connect(str(files.ctl), 10)
+            try:
+                hello = await conn.request("hello", version=PROTOCOL_VERSION,
+                                           timeout=BOOT_TIMEOUT)
+            except BaseException:
+                await conn.close()
+                raise
         except BaseException as e:
             proc.kill()
             await proc.wait(5)
@@ -331,6 +378,93 @@ class MicroVMBackend:
                 tail = _tail(files.console)
                 raise VicdError(f"the container VM failed to boot: {e.message}{tail}") from None
             raise
+        return proc, conn, hello
+
+    # --- templates ------------------------------------------------------------
+
+    def _shape(self, spec: VMSpec) -> Shape:
+        return Shape(spec.memory_mb, spec.cpus, self.accel, ROOT_SLOT_BYTES, len(spec.disks))
+
+    async def _launch_from_template(
+        self, spec: VMSpec, files: VMFiles, disks: list[tuple[Path, str, bool]]
+    ) -> tuple[QemuProcess, TetherConnection, dict[str, Any]] | None:
+        """Restore the shape's template, building it first if needed; None: cold-boot."""
+        if not self.config.templates:
+            return None
+        if not (files.dir / "slot").is_file() or spec.disks:
+            log.info("container %s: cold boot (disk layout has no template)",
+                     spec.container_id[:12])
+            return None
+        shape = self._shape(spec)
+        key = template_key(shape, self._guest_stamp(), qemu_version())
+        try:
+            t = await self.templates.ensure(key, shape, lambda d: self._build_template(d, shape))
+        except Exception as e:
+            log.warning("container %s: cold boot, template %s could not be built: %s",
+                        spec.container_id[:12], key, e)
+            return None
+        self.templates.touch(t)
+        try:
+            return await self._restore(t, shape, files, disks)
+        except (RestoreError, TetherError, QMPError, OSError) as e:
+            self.templates.discard(t, f"restore failed: {e}")
+            log.warning("container %s: cold boot after a failed restore", spec.container_id[:12])
+            return None
+
+    async def _build_template(self, tmp: Path, shape: Shape) -> None:
+        """Boot a guest to the tether's wait for ``run``, then save it without its RAM."""
+        files = VMFiles(tmp)
+        placeholder = tmp / "slot0.qcow2"
+        await _run(["qemu-img", "create", "-q", "-f", "qcow2", str(placeholder),
+                    str(shape.root_slot_bytes)])
+        argv = self._argv(files, shape.accel, shape.memory_mb, shape.cpus,
+                          [(placeholder, "qcow2", False)], mem_path=tmp / "mem", mem_shared=True)
+        proc, conn, _ = await self._launch(argv, files)
+        try:
+            qmp = await QMP.connect(str(files.qmp))
+            try:
+                await qmp.execute("migrate-set-capabilities", capabilities=[
+                    {"capability": "x-ignore-shared", "state": True}])
+                await qmp.execute("migrate", uri=f"exec:cat > {tmp / 'state'}")
+                await _wait_migration(qmp, "query-migrate", {"completed"}, {"failed", "cancelled"})
+            finally:
+                qmp.close()
+        finally:
+            await conn.close()
+            proc.kill()
+            await proc.wait(5)
+        for name in ("ctl.sock", "qmp.sock", "slot0.qcow2", "qemu.pid"):
+            with contextlib.suppress(FileNotFoundError):
+                (tmp / name).unlink()
+
+    async def _restore(
+        self, t: Template, shape: Shape, files: VMFiles, disks: list[tuple[Path, str, bool]]
+    ) -> tuple[QemuProcess, TetherConnection, dict[str, Any]]:
+        argv = self._argv(files, shape.accel, shape.memory_mb, shape.cpus, disks,
+                          mem_path=t.mem, mem_shared=False)
+        argv += ["-incoming", "defer"]
+        proc = QemuProcess.spawn(argv, files)
+        try:
+            qmp = await QMP.connect(str(files.qmp))
+            try:
+                await qmp.execute("migrate-set-capabilities", capabilities=[
+                    {"capability": "x-ignore-shared", "state": True}])
+                await qmp.execute("migrate-incoming", uri=f"exec:cat {t.state}")
+                # Bytes written to the guest before it runs are lost: wait.
+                await _wait_running(qmp, proc)
+            finally:
+                qmp.close()
+            conn = await TetherConnection.connect(str(files.ctl), 5)
+            try:
+                hello = await conn.request("hello", version=PROTOCOL_VERSION, timeout=10)
+            except BaseException:
+                await conn.close()
+                raise
+        except BaseException:
+            proc.kill()
+            await proc.wait(5)
+            raise
+        return proc, conn, hello
 
     async def reattach(self, container_id: str, sink: OutputSink) -> MicroVM | None:
         files = self.files(container_id)
@@ -383,6 +517,43 @@ class MicroVMBackend:
     async def remove(self, container_id: str) -> None:
         await self.destroy(container_id)
         shutil.rmtree(self.files(container_id).dir, ignore_errors=True)
+
+
+async def _run(cmd: list[str]) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise VicdError(f"{cmd[0]} failed: {out.decode().strip()}")
+
+
+async def _wait_migration(qmp: QMP, query: str, done: set[str], failed: set[str],
+                          timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = await qmp.execute(query)
+        status = (info or {}).get("status")
+        if status in done:
+            return
+        if status in failed:
+            raise RestoreError(f"migration {status}: {info.get('error-desc', '')}")
+        await asyncio.sleep(0.01)
+    raise RestoreError("migration did not finish in time")
+
+
+async def _wait_running(qmp: QMP, proc: QemuProcess, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.exited.done():
+            raise RestoreError("QEMU exited during the restore")
+        status = (await qmp.execute("query-status") or {}).get("status")
+        if status == "running":
+            return
+        if status not in ("inmigrate", "prelaunch", "restore-vm"):
+            raise RestoreError(f"restored VM is {status}")
+        await asyncio.sleep(0.005)
+    raise RestoreError("restore did not finish in time")
 
 
 def _runtime_error(msg: str) -> str:

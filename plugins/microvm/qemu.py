@@ -78,16 +78,32 @@ def build_cmdline(
     memory_mb: int,
     cpus: int,
     disks: list[tuple[Path, str, bool]],
+    mem_path: Path | None = None,
+    mem_shared: bool = False,
 ) -> list[str]:
-    """The QEMU argv. ``disks`` are (path, format, read_only), the root first (vda)."""
+    """The QEMU argv. ``disks`` are (path, format, read_only), the root first (vda).
+
+    With ``mem_path`` the guest RAM is that file: shared while a template is
+    built (so the snapshot can leave RAM out), private copy-on-write in a
+    clone restored from it. Everything else must be identical between a
+    template and its clones: the device layout is part of the snapshot.
+    """
     append = BASE_CMDLINE
     if accel == "tcg":
         khz = host_tsc_khz()
         if khz:
             append += f" tsc_early_khz={khz}"
+    machine = "microvm,pit=off,pic=off,isa-serial=on,rtc=on"
+    memory: list[str] = []
+    if mem_path is not None:
+        machine += ",memory-backend=mem"
+        share = "on" if mem_shared else "off"
+        memory = ["-object", f"memory-backend-file,id=mem,size={memory_mb}M,"
+                  f"mem-path={mem_path},share={share}"]
     argv = [
         QEMU,
-        "-M", "microvm,pit=off,pic=off,isa-serial=on,rtc=on",
+        "-M", machine,
+        *memory,
         "-accel", accel,
         "-cpu", "host" if accel == "kvm" else "max",
         "-m", str(memory_mb),
@@ -101,6 +117,10 @@ def build_cmdline(
         "-chardev", f"socket,id=ctl,path={files.ctl},server=on,wait=off",
         "-device", "virtserialport,chardev=ctl,name=vicd.0",
         "-qmp", f"unix:{files.qmp},server=on,wait=off",
+        # Host entropy for the guest RNG: clones of one template must not
+        # share their random state.
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", "virtio-rng-device,rng=rng0",
         "-pidfile", str(files.pidfile),
     ]
     for i, (path, fmt, ro) in enumerate(disks):

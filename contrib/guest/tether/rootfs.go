@@ -13,6 +13,9 @@ import (
 // rndAddEntropy is RNDADDENTROPY, _IOW('R', 0x03, int[2]).
 const rndAddEntropy = 0x40085203
 
+// blkFlsBuf is BLKFLSBUF, _IO(0x12, 97): flush and drop a block device's buffers.
+const blkFlsBuf = 0x1261
+
 // setClockAndSeed sets the wall clock from the host and credits the seed to
 // the kernel RNG (a fresh VM, or one restored from a snapshot, would
 // otherwise share its entropy pool with its siblings).
@@ -66,6 +69,14 @@ func mountRoot(cfg *runConfig) error {
 			break
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+	// A guest restored from a template snapshot probed a placeholder disk
+	// at this slot; drop what the kernel cached of it before mounting.
+	if f, err := os.Open(dev); err == nil {
+		if err := ioctl(int(f.Fd()), blkFlsBuf, 0); err != nil {
+			logf("BLKFLSBUF %s: %v", dev, err)
+		}
+		f.Close()
 	}
 	os.MkdirAll(containerRoot, 0o755)
 	if err := syscall.Mount(dev, containerRoot, fstype, 0, ""); err != nil {

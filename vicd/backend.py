@@ -52,6 +52,9 @@ class VMSpec:
     disks: list[DiskSpec] = field(default_factory=list)
     nics: list[dict[str, Any]] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
+    # The container is removed when it exits (--rm): its disk need not be
+    # flushed, so the backend may end the VM at once.
+    ephemeral: bool = False
 
 
 @dataclass

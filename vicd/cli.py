@@ -19,7 +19,8 @@ class KeyValueFormatter(logging.Formatter):
     """One structured line per record: time, level, logger, then the message's key=values."""
 
     def format(self, record: logging.LogRecord) -> str:
-        base = (f"time={self.formatTime(record, '%Y-%m-%dT%H:%M:%S')} "
+        stamp = f"{self.formatTime(record, '%Y-%m-%dT%H:%M:%S')}.{int(record.msecs):03d}"
+        base = (f"time={stamp} "
                 f"level={record.levelname.lower()} logger={record.name} "
                 f"msg={json.dumps(record.getMessage())}")
         if record.exc_info:

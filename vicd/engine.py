@@ -275,6 +275,7 @@ class Engine:
             memory_mb=mem_mb,
             cpus=cpus,
             labels=dict(cfg.get("Labels") or {}),
+            ephemeral=bool(hc.get("AutoRemove")),
         )
 
     # --- start and the life of a VM ---------------------------------------------

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"time"
 )
 
 // Container states reported by hello.
@@ -26,6 +27,8 @@ type tether struct {
 	procs    map[uint32]*proc // by channel
 	byPid    map[int]*proc
 	cfg      *runConfig
+	// How long mounting the container's disk took, reported in the run reply.
+	mountTime time.Duration
 }
 
 func newTether(port *os.File) *tether {
@@ -169,6 +172,7 @@ func (t *tether) run(req *request) (map[string]any, error) {
 	t.cfg = cfg
 	t.mu.Unlock()
 
+	t0 := time.Now()
 	pid, err := t.startMain(cfg)
 	if err != nil {
 		code := 1
@@ -184,7 +188,8 @@ func (t *tether) run(req *request) (map[string]any, error) {
 		t.hostLog("run failed: %v", err)
 		return nil, err
 	}
-	return map[string]any{"pid": pid}, nil
+	return map[string]any{"pid": pid, "mount_us": t.mountTime.Microseconds(),
+		"run_us": time.Since(t0).Microseconds()}, nil
 }
 
 func (t *tether) startMain(cfg *runConfig) (int, error) {
@@ -192,9 +197,11 @@ func (t *tether) startMain(cfg *runConfig) (int, error) {
 		return 0, &reqError{msg: "run: empty args", code: 1}
 	}
 	setClockAndSeed(cfg)
+	t0 := time.Now()
 	if err := mountRoot(cfg); err != nil {
 		return 0, err
 	}
+	t.mountTime = time.Since(t0)
 	if cfg.Hostname != "" {
 		if err := syscall.Sethostname([]byte(cfg.Hostname)); err != nil {
 			logf("sethostname: %v", err)

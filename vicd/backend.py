@@ -55,6 +55,9 @@ class VMSpec:
     # The container is removed when it exits (--rm): its disk need not be
     # flushed, so the backend may end the VM at once.
     ephemeral: bool = False
+    # The container's stored record (Container.to_dict()): a backend that
+    # keeps state outside the data root (vSphere extraConfig) saves it.
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -123,6 +126,11 @@ class ComputeBackend(Protocol):
 
     async def reattach(self, container_id: str, sink: OutputSink) -> VM | None:
         """After a daemon restart: the container's VM if it still runs, else None."""
+        ...
+
+    async def recover_containers(self) -> list[dict[str, Any]]:
+        """Container records the backend keeps itself (vSphere: in each VM's
+        extraConfig), for a daemon whose data root lost them. [] if none."""
         ...
 
     async def running_ids(self) -> set[str]:

@@ -131,6 +131,14 @@ class Engine:
         """Read stored records and reconcile them with the VMs that really run."""
         for c in self.store.load_all():
             self.containers[c.id] = c
+        # A stateless backend (vSphere) rebuilds records the data root lacks.
+        recover = getattr(self.backend, "recover_containers", None)
+        for data in await recover() if recover else []:
+            if data.get("id") and data["id"] not in self.containers:
+                c = Container.from_dict(data)
+                self.containers[c.id] = c
+                self.store.save(c)
+                log.info("container %s: record recovered from the backend", c.short_id)
         running = await self.backend.running_ids()
         for cid in running - set(self.containers):
             log.warning("destroying orphan VM of unknown container %s", cid)
@@ -276,6 +284,7 @@ class Engine:
             cpus=cpus,
             labels=dict(cfg.get("Labels") or {}),
             ephemeral=bool(hc.get("AutoRemove")),
+            record=c.to_dict(),
         )
 
     # --- start and the life of a VM ---------------------------------------------

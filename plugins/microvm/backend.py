@@ -498,6 +498,9 @@ class MicroVMBackend:
             channel.exit.set_result(int(hello.get("exit_code") or 0))
         return vm
 
+    async def recover_containers(self) -> list[dict[str, Any]]:
+        return []  # records live in the data root only
+
     async def running_ids(self) -> set[str]:
         out = set()
         if not self.vms.exists():

@@ -1,21 +1,36 @@
-"""Routes under /images: list, inspect, import, load, save, tag, remove, prune."""
+"""Routes under /images: list, inspect, import, load, save, tag, remove, prune, pull, push;
+and POST /auth (docker login), which talks to registries too."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from vicd.api.app import add_route, json_response, q_bool
+from vicd.api.app import add_route, json_body, json_response, q_bool
 from vicd.api.keys import DAEMON, ENGINE, EVENTS, IMAGES
 
-from vicd.errors import InvalidParameter, NotFound
+from vicd.errors import InvalidParameter, NotFound, VicdError
 from vicd.filters import parse_filters
+from vicd.image_store import apply_changes
+from vicd.references import parse_normalized
+from vicd.registry import (
+    AuthConfig,
+    Puller,
+    Pusher,
+    download_url,
+    error_line,
+    pull_reference,
+)
+from vicd.registry import login as registry_login
+
+log = logging.getLogger(__name__)
 
 
 def _tmpdir(request: web.Request) -> Path:
@@ -98,15 +113,102 @@ async def prune(request: web.Request) -> web.Response:
     return json_response(result)
 
 
+class _ProgressStream:
+    """A chunked JSON-lines response fed from any thread; a vanished client is ignored
+    (the operation finishes anyway, like a pull dockerd has started)."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.resp = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        self.resp.enable_chunked_encoding()
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.writer: asyncio.Task[None] | None = None
+
+    def emit(self, item: dict[str, Any]) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    async def __aenter__(self) -> _ProgressStream:
+        await self.resp.prepare(self.request)
+        self.writer = asyncio.create_task(self._write())
+        return self
+
+    async def _write(self) -> None:
+        alive = True
+        while (item := await self.queue.get()) is not None:
+            if alive:
+                try:
+                    await self.resp.write(json.dumps(item).encode() + b"\n")
+                except (ConnectionError, RuntimeError):
+                    alive = False
+
+    async def __aexit__(self, typ: Any, exc: BaseException | None, tb: Any) -> bool:
+        if isinstance(exc, Exception):  # the stream has begun: errors go inside it
+            msg = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+            if not isinstance(exc, VicdError):
+                log.warning("stream %s failed: %s", self.request.path, msg)
+            self.emit(error_line(msg))
+        self.emit(None)  # type: ignore[arg-type]
+        if self.writer is not None:
+            await self.writer
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await self.resp.write_eof()
+        return isinstance(exc, Exception)
+
+
+async def _pull(request: web.Request) -> web.StreamResponse:
+    """docker pull: the manifest is fetched before the stream starts, so a bad name, an
+    unknown host, refused credentials or an unknown manifest are plain HTTP errors."""
+    daemon = request.app[DAEMON]
+    ref = pull_reference(request.query.get("fromImage", ""), request.query.get("tag", ""))
+    auth = AuthConfig.from_header(request.headers.get("X-Registry-Auth"))
+    insecure = list(getattr(daemon.config, "insecure_registries", []) or [])
+    puller = Puller(request.app[IMAGES], ref, auth, insecure, request.query.get("platform", ""))
+    async with puller:
+        await puller.resolve()
+        stream = _ProgressStream(request)
+        image = None
+        async with stream:
+            image, _ = await puller.run(stream.emit)
+    if image is not None:
+        request.app[EVENTS].publish("image", "pull", ref.familiar(), name=ref.familiar())
+    return stream.resp
+
+
+async def _import_url(request: web.Request, src: str, repo: str | None, changes: list[str],
+                      message: str) -> web.StreamResponse:
+    """docker import http://...: download, then import; progress as dockerd streams it."""
+    store = request.app[IMAGES]
+    url = src if "://" in src else f"http://{src}"
+    if not url.startswith(("http://", "https://")):
+        raise InvalidParameter(f"unsupported URL scheme in {src!r}")
+    store._import_ref(repo)  # a bad repo is a 400 before anything is fetched
+    apply_changes(changes)
+    fd, name = tempfile.mkstemp(dir=_tmpdir(request), suffix=".tar")
+    os.close(fd)
+    path = Path(name)
+    img = None
+    try:
+        stream = _ProgressStream(request)
+        async with stream:
+            stream.emit({"status": f"Downloading from {url}"})
+            await download_url(url, path, stream.emit)
+            img = await asyncio.to_thread(
+                store.import_tar, path, repo, changes, message or f"Imported from {url}")
+            stream.emit({"status": img.id})
+    finally:
+        path.unlink(missing_ok=True)
+    if img is not None:
+        request.app[EVENTS].publish("image", "import", img.id, name=repo or img.id)
+    return stream.resp
+
+
 async def create(request: web.Request) -> web.StreamResponse:
     """``docker import`` (fromSrc) and ``docker pull`` (fromImage)."""
     store = request.app[IMAGES]
     src = request.query.get("fromSrc")
     if src is None:
-        image = request.query.get("fromImage", "")
-        raise NotFound(
-            f"pull access denied for {image}: pulling from registries is not supported yet"
-        )
+        return await _pull(request)
     repo = request.query.get("repo") or None
     tag_ = request.query.get("tag")
     if repo and tag_:
@@ -114,7 +216,7 @@ async def create(request: web.Request) -> web.StreamResponse:
     changes = request.query.getall("changes", [])
     message = request.query.get("message", "")
     if src != "-":
-        raise InvalidParameter("importing from a URL is not supported yet; use '-'")
+        return await _import_url(request, src, repo, changes, message)
     path = await _body_to_file(request)
     try:
         img = await asyncio.to_thread(store.import_tar, path, repo, changes, message)
@@ -122,6 +224,54 @@ async def create(request: web.Request) -> web.StreamResponse:
         path.unlink(missing_ok=True)
     request.app[EVENTS].publish("image", "import", img.id, name=repo or img.id)
     return json_response({"status": img.id})
+
+
+async def push(request: web.Request) -> web.StreamResponse:
+    """docker push: one tag, or every tag of the repository when none is given."""
+    store = request.app[IMAGES]
+    daemon = request.app[DAEMON]
+    name = request.match_info["name"]
+    repo = parse_normalized(name)
+    tag_ = request.query.get("tag", "")
+    if repo.digest is not None:
+        raise InvalidParameter("cannot push a digest reference")
+    if repo.tag is not None and not tag_:
+        tag_ = repo.tag
+    repo = repo.repository()
+    if tag_:
+        tags = [tag_] if _has_ref(store, repo.with_tag(tag_)) else []
+    else:
+        tags = store.repository_tags(repo)
+    if not tags:
+        raise NotFound(f"An image does not exist locally with the tag: {repo.familiar_name()}")
+    auth = AuthConfig.from_header(request.headers.get("X-Registry-Auth"))
+    insecure = list(getattr(daemon.config, "insecure_registries", []) or [])
+    pushed: list[tuple[str, str, int]] = []
+    async with Pusher(store, repo, tags, auth, insecure) as pusher:
+        stream = _ProgressStream(request)
+        async with stream:
+            pushed = await pusher.run(stream.emit)
+    for t, _digest, _size in pushed:
+        ref = repo.with_tag(t).familiar()
+        request.app[EVENTS].publish("image", "push", ref, name=ref)
+    return stream.resp
+
+
+def _has_ref(store: Any, ref: Any) -> bool:
+    try:
+        img = store.get(str(ref))
+    except NotFound:
+        return False
+    return ref.familiar() in img.repo_tags
+
+
+async def auth(request: web.Request) -> web.Response:
+    """POST /auth (docker login): check the credentials against the registry."""
+    daemon = request.app[DAEMON]
+    creds = AuthConfig.from_json(await json_body(request))
+    insecure = list(getattr(daemon.config, "insecure_registries", []) or [])
+    status, token = await registry_login(creds, insecure)
+    return json_response({"IdentityToken": token, "Status": status})
 
 
 async def load(request: web.Request) -> web.StreamResponse:
@@ -203,4 +353,6 @@ def setup(app: web.Application) -> None:
     add_route(app, "GET", f"{n}/history", history)
     add_route(app, "GET", f"{n}/get", save)
     add_route(app, "POST", f"{n}/tag", tag)
+    add_route(app, "POST", f"{n}/push", push)
+    add_route(app, "POST", "/auth", auth)
     add_route(app, "DELETE", n, remove)

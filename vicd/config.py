@@ -32,6 +32,8 @@ class Config:
     debug: bool = False
     name: str = ""
     labels: list[str] = field(default_factory=list)
+    # Registries reached over plain HTTP (host[:port]); loopback ones always may be.
+    insecure_registries: list[str] = field(default_factory=list)
     # Per-plugin tables from the TOML file ([plugins.<name>]).
     plugins: dict[str, Any] = field(default_factory=dict)
 
@@ -57,6 +59,7 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> Config:
     for key in ("data_root", "guest_dir"):
         if values.get(key) is not None:
             values[key] = Path(values[key])
-    if isinstance(values.get("hosts"), str):
-        values["hosts"] = [values["hosts"]]
+    for key in ("hosts", "insecure_registries"):
+        if isinstance(values.get(key), str):
+            values[key] = [values[key]]
     return Config(**values)

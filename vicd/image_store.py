@@ -1230,6 +1230,140 @@ class ImageStore:
                 add(img_id, parsed)
         return out
 
+    # ---- registries (pull / push)
+
+    def has_image(self, image_id: str) -> bool:
+        with self._lock:
+            return image_id in self._state["images"]
+
+    def has_layer(self, diff_id: str) -> bool:
+        """A layer with this diff_id is stored (a pull can skip downloading it)."""
+        with self._lock:
+            try:
+                hexd = _hex(diff_id)
+            except InvalidParameter:
+                return False
+            return diff_id in self._state["layers"] and (self.blobs / hexd).exists()
+
+    def pull_cache_dir(self) -> Path:
+        """Where pulls keep verified compressed blobs until their image is committed (under
+        tmp/: wiped on start, so a retried pull after a restart begins afresh)."""
+        d = self.tmp / "pull-cache"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def add_pulled_image(
+        self,
+        config_raw: bytes,
+        layers: list[Path | None | Callable[[], Path | None]],
+        refs: list[Reference],
+        blobsums: list[tuple[str, dict[str, Any]]] | None = None,
+        progress: Callable[[int, int, int, bool], None] | None = None,
+    ) -> tuple[Image, bool]:
+        """Commit a pulled image: layers[i] is the downloaded (possibly compressed) blob of
+        layer i, None when that layer is already stored, or a callable giving either (it
+        may block until the download is done, so extraction overlaps downloading). Layers
+        are stored uncompressed and checked against the config's diff_ids; the image and
+        its refs (tag and repo digest) appear in one atomic state write, or not at all.
+        progress(i, current, total, done) reports extraction. Returns (image, changed)."""
+        config = _check_config(config_raw, len(layers))
+        diff_ids: list[str] = config["rootfs"]["diff_ids"]
+        with self._pinned() as pins:
+            infos: list[LayerInfo] = []
+            for i, (src, want) in enumerate(zip(layers, diff_ids, strict=True)):
+                path = src() if callable(src) else src
+                if path is None:
+                    infos.append(self._pin_existing_layer(want, pins))
+                    continue
+                total = path.stat().st_size
+                with open(path, "rb") as f:
+                    reader = _ProgressReader(f, total, i, progress)
+                    info = self._put_layer(reader, pins)  # type: ignore[arg-type]
+                if info.diff_id != want:
+                    raise InvalidParameter(
+                        "layers from manifest don't match image configuration: "
+                        f'layer {i} is "{info.diff_id}", config says "{want}"'
+                    )
+                infos.append(info)
+                if progress is not None:
+                    progress(i, total, total, True)
+            img_id = "sha256:" + self._put_bytes(config_raw, pins)
+            with self._lock:
+                changed = img_id not in self._state["images"]
+                self._add_image(img_id, infos)
+                for ref in refs:
+                    if self._state["refs"].get(self._ref_key(ref)) != img_id:
+                        changed = True
+                        self._set_ref(ref, img_id)
+                for diff, desc in blobsums or []:
+                    self._remember_blobsum(diff, desc)
+                self._save_state()
+                return self._image(img_id), changed
+
+    def _pin_existing_layer(self, diff_id: str, pins: set[str]) -> LayerInfo:
+        hexd = _hex(diff_id)
+        with self._lock:
+            record = self._state["layers"].get(diff_id)
+            pins.add(hexd)
+            if record is None or not (self.blobs / hexd).exists():
+                raise VicdError(f"layer {diff_id} vanished from the store; retry the pull")
+            return LayerInfo(diff_id=diff_id, tar_size=record.get("tar_size", 0),
+                             size=record.get("size", 0))  # fmt: skip
+
+    def _remember_blobsum(self, diff_id: str, desc: dict[str, Any]) -> None:
+        if not isinstance(desc.get("digest"), str):
+            return
+        known = self._state.setdefault("blobsums", {}).setdefault(diff_id, [])
+        known[:] = [d for d in known if d.get("digest") != desc["digest"]][-7:] + [dict(desc)]
+
+    def blobsums(self, diff_id: str) -> list[dict[str, Any]]:
+        """Compressed blobs known to hold this layer ({digest, size, mediaType, repo}),
+        newest last: a push HEADs them before compressing anything."""
+        with self._lock:
+            return copy.deepcopy(self._state.get("blobsums", {}).get(diff_id, []))
+
+    def add_blobsum(self, diff_id: str, desc: dict[str, Any]) -> None:
+        with self._lock:
+            self._remember_blobsum(diff_id, desc)
+            self._save_state()
+
+    def add_repo_digest(self, repo: Reference, digest: str, image_id: str) -> None:
+        """Record `repo@digest` for an image (after a push, as dockerd does)."""
+        ref = Reference(repo.domain, repo.path, None, digest)
+        with self._lock:
+            if image_id not in self._state["images"]:
+                raise NotFound(f"No such image: {image_id}")
+            if self._state["refs"].get(self._ref_key(ref)) != image_id:
+                self._set_ref(ref, image_id)
+                self._save_state()
+
+    def repository_tags(self, repo: Reference) -> list[str]:
+        """Tags of one repository (docker push without a tag pushes them all)."""
+        with self._lock:
+            out = []
+            for key, img_id in self._state["refs"].items():
+                ref = parse_normalized(key)
+                if ref.name == repo.name and ref.tag is not None and img_id in self._state[
+                    "images"
+                ]:
+                    out.append(ref.tag)
+            return sorted(out)
+
+    @contextmanager
+    def pinned_image(self, ref: str) -> Iterator[tuple[str, bytes, list[Path]]]:
+        """(image id, config bytes, uncompressed layer paths) of an image, its blobs kept
+        safe from removal until the block ends (for push)."""
+        with self._lock:
+            img_id = self._resolve(ref)
+            raw = self._blob_path(img_id).read_bytes()
+            diff_ids = self._diff_ids(img_id)
+            pin = self._blobs_of({img_id})
+            self._pins.update(pin)
+        try:
+            yield img_id, raw, [self._blob_path(d) for d in diff_ids]
+        finally:
+            self._unpin(pin)
+
     # ---- root disks
 
     def rootfs_disk(self, image_id: str, size_bytes: int) -> Path:
@@ -1275,6 +1409,30 @@ class ImageStore:
             _fsync_dir(self.disks)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+
+class _ProgressReader:
+    """A file wrapper reporting how far a layer has been read (for Extracting lines)."""
+
+    def __init__(
+        self,
+        f: IO[bytes],
+        total: int,
+        index: int,
+        progress: Callable[[int, int, int, bool], None] | None,
+    ) -> None:
+        self._f = f
+        self._total = total
+        self._index = index
+        self._progress = progress
+        self._done = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self._done += len(data)
+        if self._progress is not None and data:
+            self._progress(self._index, self._done, self._total, False)
+        return data
 
 
 class _PinSet(set[str]):

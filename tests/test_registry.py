@@ -111,6 +111,16 @@ def test_push_rmi_pull_run_roundtrip(vicd: Vicd, registry: Registry) -> None:  #
     assert any(e["Actor"]["ID"] == ref for e in events_since(vicd, t0, "pull"))
 
 
+def test_run_pulls_a_missing_image(vicd: Vicd, registry: Registry, layout: Path) -> None:  # noqa: F811
+    registry.skopeo_copy(layout, "single", "implicit:1")
+    ref = f"{registry.host}/implicit:1"
+    r = vicd.docker("run", "--rm", ref, "cat", "/etc/vicd-layer.txt")
+    assert f"Unable to find image '{ref}' locally" in r.stderr
+    assert "Status: Downloaded newer image" in r.stderr
+    assert r.stdout == "second layer here\n"
+    vicd.docker("rmi", ref)
+
+
 def test_pull_oci_multilayer_by_tag_then_digest_and_run(
     vicd: Vicd, registry: Registry, layout: Path  # noqa: F811
 ) -> None:

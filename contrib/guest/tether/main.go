@@ -34,7 +34,8 @@ func main() {
 		setupSystem()
 		loadModules()
 	}
-	port := openPort()
+	freezeIfParent()
+	port := openTransport()
 	t := newTether(port)
 	logf("port open, waiting for the host")
 	t.serve()

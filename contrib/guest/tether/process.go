@@ -251,6 +251,7 @@ func (t *tether) waitExit(p *proc) {
 	if p.ch == 1 {
 		t.state = stateExited
 		t.exitCode = &code
+		reportExit(code)
 	} else if t.procs[p.ch] == p {
 		delete(t.procs, p.ch) // the host may reuse the channel
 	}

@@ -156,7 +156,11 @@ func (t *tether) hello(req *request) (map[string]any, error) {
 	if t.exitCode != nil {
 		code = *t.exitCode
 	}
-	return map[string]any{"version": protoVersion, "kernel": kernelRelease(), "state": t.state, "exit_code": code}, nil
+	res := map[string]any{"version": protoVersion, "kernel": kernelRelease(), "state": t.state, "exit_code": code}
+	if id := vmID(); id != "" {
+		res["id"] = id // vSphere: which container's VM this is (vsphere.go)
+	}
+	return res, nil
 }
 
 func (t *tether) run(req *request) (map[string]any, error) {
@@ -185,6 +189,7 @@ func (t *tether) run(req *request) (map[string]any, error) {
 		t.state = stateExited
 		t.exitCode = &code
 		t.mu.Unlock()
+		reportExit(code)
 		t.hostLog("run failed: %v", err)
 		return nil, err
 	}

@@ -50,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--group", dest="socket_group", help="group owning the unix socket")
     s.add_argument("--no-templates", dest="templates", action="store_false", default=None,
                    help="cold-boot every VM (no template snapshots)")
+    for opt in ("url", "datacenter", "cluster", "resource-pool", "folder", "datastore",
+                "network", "template"):
+        s.add_argument(f"--vsphere-{opt}", help=f"[plugins.vsphere] {opt}")
+    s.add_argument("--vsphere-insecure", action="store_true", default=None,
+                   help="do not verify vCenter's TLS certificate")
     sub.add_parser("plugins", help="list loaded plugins")
     t = sub.add_parser("templates", help="manage the microvm backend's template snapshots")
     t.add_argument("action", choices=["ls", "rm", "prune"])
@@ -72,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
     except VicdError as e:
         print(f"vicd: {e.message}", file=sys.stderr)
         return 2
+    # --vsphere-* flags win over the [plugins.vsphere] table.
+    vsphere = {k[len("vsphere_"):]: v for k, v in vars(args).items()
+               if k.startswith("vsphere_") and v is not None}
+    if vsphere:
+        config.plugins["vsphere"] = {**(config.plugins.get("vsphere") or {}), **vsphere}
     setup_logging(config.debug)
     from vicd.daemon import serve
 

@@ -129,6 +129,10 @@ class Engine:
 
     async def load(self) -> None:
         """Read stored records and reconcile them with the VMs that really run."""
+        # A backend that watches its VMs (vSphere) reports ones deleted behind our back.
+        on_removed = getattr(self.backend, "set_removed_callback", None)
+        if on_removed:
+            on_removed(self._removed_by_backend)
         for c in self.store.load_all():
             self.containers[c.id] = c
         # A stateless backend (vSphere) rebuilds records the data root lacks.
@@ -566,6 +570,15 @@ class Engine:
         c.state.status = cs.REMOVING
         self.store.save(c)
         await self._finish_remove(c)
+
+    async def _removed_by_backend(self, cid: str) -> None:
+        """The container's VM was destroyed outside vicd: remove the container (with events)."""
+        c = self.containers.get(cid)
+        if c is None or c.state.status == cs.REMOVING:
+            return
+        log.info("container %s: its VM was destroyed outside vicd; removing it", c.short_id)
+        with contextlib.suppress(VicdError):
+            await self.remove(cid, force=True)
 
     async def _finish_remove(self, c: Container) -> None:
         rt = self.runtimes.pop(c.id, None)

@@ -14,7 +14,8 @@ from vicd import hookspecs
 
 # Built-in plugins by entry-point name, registered even when vicd runs from a
 # source tree without its entry points installed.
-BUILTIN_PLUGINS = {"microvm": "vicd.plugins.microvm.plugin"}
+BUILTIN_PLUGINS = {"microvm": "vicd.plugins.microvm.plugin",
+                   "vsphere": "vicd.plugins.vsphere.plugin"}
 ALLOWLIST_ENV = "VICD_PLUGINS"
 
 

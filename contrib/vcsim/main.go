@@ -242,7 +242,7 @@ func (f *fixer) InstantCloneTask(ctx *simulator.Context, req *types.InstantClone
 	return &methods.InstantClone_TaskBody{Res: &types.InstantClone_TaskResponse{Returnval: task.Run()}}
 }
 
-var thisRe = regexp.MustCompile(`<_this type="VirtualMachine">([^<]+)</_this>`)
+var thisRe = regexp.MustCompile(`<_this[^>]*type="VirtualMachine"[^>]*>([^<]+)</_this>`)
 
 // wrap rewrites the requests the fixer handles.
 func wrap(next http.Handler, f *fixer, instantClone bool) http.Handler {

@@ -1,0 +1,210 @@
+"""Host emulation for the vCenter simulator: the part of ESXi that runs VMs.
+
+vcsim only keeps inventory. This watches it (PropertyCollector, like the
+daemon) and, for every container VM (extraConfig ``vicd.id``) powered on,
+boots the same microVM the embedded backend uses (plugins/microvm/qemu.py:
+the guest from .cache/guest, the container's disk as a qcow2 overlay over
+the image's ext4 named in ``vicd.image_disk``). The guest's channel connects
+where the VM's VirtualSerialPort URI points (``tcp://host:port``, QEMU as
+the client, reconnecting like ESXi does), and the kernel command line tells
+the tether its id (on ESXi: guestinfo). When the guest ends, the simulated
+VM is powered off; a VM powered off, suspended, resumed or destroyed in the
+simulator stops, pauses, continues or kills its microVM.
+
+    python contrib/vcsim/hostemu.py --url http://u:p@127.0.0.1:PORT/sdk \\
+        --guest-dir .cache/guest --work /tmp/hostemu
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pyVmomi import vim
+from vicd.plugins.microvm.qemu import QemuProcess, VMFiles, build_cmdline
+from vicd.plugins.microvm.qmp import QMP, QMPError
+from vicd.plugins.vsphere.client import VimClient
+from vicd.plugins.vsphere.settings import VSphereSettings
+from vicd.plugins.vsphere.view import PROPS, FolderView, VMState
+
+log = logging.getLogger("hostemu")
+
+
+class HostEmu:
+    def __init__(self, url: str, guest_dir: Path, work: Path, accel: str) -> None:
+        settings = VSphereSettings(url=url)
+        settings._load_credentials()
+        self.client = VimClient(settings, "hostemu")
+        self.watch = VimClient(settings, "hostemu-view")
+        self.guest_dir = guest_dir
+        self.work = work
+        self.accel = accel
+        self.qemus: dict[str, QemuProcess] = {}
+        self.paused: set[str] = set()
+        self.stopping: set[str] = set()
+        self.booting: set[str] = set()
+        self.view: FolderView | None = None
+
+    async def run(self) -> None:
+        await asyncio.to_thread(self.client.connect)
+        await asyncio.to_thread(self.watch.connect)
+        loop = asyncio.get_running_loop()
+        # The whole inventory: container VMs may live in any daemon's folder.
+        self.view = FolderView(self.watch, lambda c: c.content.rootFolder, loop, self._changed,
+                               props=[*PROPS, "config.hardware.device",
+                                      "config.hardware.numCPU", "config.hardware.memoryMB"])
+        self.view.start()
+        await asyncio.to_thread(self.view.synced.wait)
+        for st in list(self.view.vms.values()):
+            self._changed("enter", None, st)
+        log.info("hostemu: watching %s", self.client.settings.safe_url)
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        self.kill_all()
+
+    def _changed(self, kind: str, before: VMState | None, after: VMState | None) -> None:
+        st = after or before
+        if st is None or not st.container_id:
+            return
+        moid = st.moid
+        q = self.qemus.get(moid)
+        if kind == "leave":
+            if q:
+                self._kill(moid)
+            shutil.rmtree(self.work / moid, ignore_errors=True)
+            return
+        assert after is not None
+        if after.power == "poweredOn":
+            if q is None and moid not in self.booting:
+                self.booting.add(moid)  # now: more events may come before _boot runs
+                asyncio.ensure_future(self._boot(after))
+            elif moid in self.paused:
+                asyncio.ensure_future(self._qmp(moid, "cont"))
+        elif after.power == "suspended" and q is not None and moid not in self.paused:
+            asyncio.ensure_future(self._qmp(moid, "stop"))
+        elif after.power == "poweredOff" and q is not None:
+            self._kill(moid)
+
+    def _kill(self, moid: str) -> None:
+        q = self.qemus.get(moid)
+        if q:
+            self.stopping.add(moid)
+            q.kill()
+
+    async def _qmp(self, moid: str, cmd: str) -> None:
+        try:
+            qmp = await QMP.connect(str(VMFiles(self.work / moid).qmp))
+            try:
+                await qmp.execute(cmd)
+            finally:
+                qmp.close()
+        except (QMPError, OSError) as e:
+            log.warning("hostemu: %s %s: %s", moid, cmd, e)
+            return
+        if cmd == "stop":
+            self.paused.add(moid)
+        else:
+            self.paused.discard(moid)
+
+    async def _boot(self, st: VMState) -> None:
+        moid = st.moid
+        try:
+            await self._boot_vm(st)
+        finally:
+            self.booting.discard(moid)
+
+    async def _boot_vm(self, st: VMState) -> None:
+        moid = st.moid
+        if self.view is not None:
+            st = self.view.vms.get(moid, st)  # the newest picture, not the event's
+        files = VMFiles(self.work / moid)
+        files.dir.mkdir(parents=True, exist_ok=True)
+        image = st.extra.get("vicd.image_disk", "")
+        if not files.root_disk.exists():
+            r = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                                image, str(files.root_disk)], capture_output=True, text=True)
+            if r.returncode != 0:
+                log.error("hostemu: %s: cannot make the disk: %s", moid, r.stderr.strip())
+                return
+        uri = _serial_uri(st.raw.get("config.hardware.device"))
+        if not uri:
+            log.error("hostemu: %s has no network serial port", moid)
+            return
+        u = urlsplit(uri)
+        mem = min(max(int(st.raw.get("config.hardware.memoryMB") or 256), 128), 2048)
+        cpus = min(max(int(st.raw.get("config.hardware.numCPU") or 1), 1), 2)
+        argv = build_cmdline(files=files, kernel=self.guest_dir / "vmlinux",
+                             initrd=self.guest_dir / "initrd.img", accel=self.accel,
+                             memory_mb=mem, cpus=cpus, disks=[(files.root_disk, "qcow2", False)])
+        for i, a in enumerate(argv):
+            if a.startswith("socket,id=ctl,"):
+                # ESXi's side of a URI-backed serial port, direction client.
+                argv[i] = f"socket,id=ctl,host={u.hostname},port={u.port},reconnect=1"
+            if i > 0 and argv[i - 1] == "-append":
+                argv[i] = f"{a} vicd.id={st.container_id} vicd.transport=virtio"
+        for sock in (files.ctl, files.qmp):
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()
+        q = QemuProcess.spawn(argv, files)
+        self.qemus[moid] = q
+        self.booting.discard(moid)
+        self.stopping.discard(moid)
+        self.paused.discard(moid)
+        log.info("hostemu: %s (%s) booted, pid %d, serial %s", moid, st.name, q.pid, uri)
+        await q.wait()
+        self.qemus.pop(moid, None)
+        if moid in self.stopping:
+            self.stopping.discard(moid)
+            return
+        # The guest powered itself off: so does the VM.
+        log.info("hostemu: %s guest ended; powering the VM off", moid)
+        vm = vim.VirtualMachine(moid, self.client.si._stub)
+        try:
+            await asyncio.to_thread(
+                lambda: self.client.wait_task(self.client.call(vm.PowerOffVM_Task)))
+        except Exception as e:  # noqa: BLE001 - the VM may be gone or off already
+            log.info("hostemu: power off %s: %s", moid, type(e).__name__)
+
+    def kill_all(self) -> None:
+        for q in self.qemus.values():
+            q.kill()
+
+
+def _serial_uri(devices: Any) -> str:
+    for d in devices or []:
+        if isinstance(d, vim.vm.device.VirtualSerialPort) and isinstance(
+                d.backing, vim.vm.device.VirtualSerialPort.URIBackingInfo):
+            return str(d.backing.serviceURI)
+    return ""
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--url", required=True)
+    p.add_argument("--guest-dir", type=Path, required=True)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--accel", default="tcg")
+    a = p.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    emu = HostEmu(a.url, a.guest_dir, a.work, a.accel)
+    try:
+        asyncio.run(emu.run())
+    finally:
+        emu.kill_all()  # the microVMs run in sessions of their own: end them with us
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

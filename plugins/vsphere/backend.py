@@ -212,6 +212,8 @@ class VSphereBackend:
             self.settings.clone == "instant")
         self.vms: dict[str, VSphereVM] = {}  # running containers
         self.moids: dict[str, str] = {}  # cid -> VM id, until the view has it
+        self.parents: dict[str, tuple[str, int]] = {}  # name -> (VM id, session generation)
+        self.powered_on: set[str] = set()  # just instant-cloned: on, though the view may lag
         self.removing: set[str] = set()
         self.removed_callback: Callable[[str], Awaitable[None]] | None = None
         self._infra_lock = asyncio.Lock()
@@ -400,9 +402,13 @@ class VSphereBackend:
             infra = self._infra_sync()
             try:
                 return fn(infra)
-            except vmodl.fault.ManagedObjectNotFound:
-                if self.client.generation == infra.generation:
-                    self.client.relogin()  # the server may have restarted
+            except vmodl.fault.ManagedObjectNotFound as e:
+                # Our folder, pool or parent vanished (deleted, or a server that
+                # restarted without them): find or make them again, once.
+                log.info("vsphere: %s; resolving the inventory again", fault_message(e))
+                with self._sync_lock:
+                    self.infra = None
+                self.parents.clear()
                 return fn(self._infra_sync())
         return await asyncio.to_thread(run)
 
@@ -425,6 +431,7 @@ class VSphereBackend:
                 self.instant = True
                 # Instant clones inherit the parent's configuration: name the container.
                 self._reconfig(vm, vim.vm.ConfigSpec(annotation=self._annotation(spec)))
+                self.powered_on.add(vm._moId)  # an instant clone runs from birth
                 return vm._moId
             except NO_INSTANT_CLONE as e:
                 if self.instant:
@@ -459,8 +466,7 @@ class VSphereBackend:
                 if found is not None and self._is_ours(found, cid):
                     return found
                 raise VSphereError(f"vsphere: a VM named {name!r} exists already") from None
-            except (vim.fault.NotAuthenticated, vmodl.fault.ManagedObjectNotFound,
-                    *CONNECTION_ERRORS) as e:
+            except (vim.fault.NotAuthenticated, *CONNECTION_ERRORS) as e:
                 if attempt == 2:
                     raise VSphereError(f"vsphere: clone of {name} failed: "
                                        f"{fault_message(e)}") from None
@@ -481,10 +487,16 @@ class VSphereBackend:
         """The powered-on parent of one shape's instant clones (the tether in it freezes)."""
         name = f"vicd-parent-{cpus}cpu-{memory_mb}mb"
         c = self.client
+        cached = self.parents.get(name)
+        if cached is not None and cached[1] == infra.generation:
+            st = self.view.vms.get(cached[0]) if self.view else None
+            if st is None or st.power == ON:
+                return self._vm(cached[0])  # known for this session: no round trip
         found = c.find_child(infra.folder, name)
         if found is not None:
             if c.props(found, ["runtime.powerState"]).get("runtime.powerState") != ON:
                 c.wait_task(c.call(lambda: found.PowerOnVM_Task()))
+            self.parents[name] = (found._moId, infra.generation)
             return found
         cs = vim.vm.CloneSpec(
             location=vim.vm.RelocateSpec(pool=infra.pool, datastore=infra.datastore,
@@ -497,8 +509,10 @@ class VSphereBackend:
                              vim.option.OptionValue(key="vicd.role", value="parent")],
                 deviceChange=self._device_changes(infra)))
         log.info("vsphere: creating instant-clone parent %s", name)
-        return self._clone(infra, name, "", lambda: infra.template.CloneVM_Task(
+        vm = self._clone(infra, name, "", lambda: infra.template.CloneVM_Task(
             folder=infra.folder, name=name, spec=cs))
+        self.parents[name] = (vm._moId, infra.generation)
+        return vm
 
     def _reconfig(self, vm: Any, spec: Any) -> None:
         self.client.wait_task(self.client.call(lambda: vm.ReconfigVM_Task(spec)))
@@ -536,6 +550,9 @@ class VSphereBackend:
         return st.moid if st else self.moids.get(cid)
 
     def _power_of(self, moid: str) -> str:
+        if moid in self.powered_on:
+            self.powered_on.discard(moid)
+            return ON
         st = self.view.vms.get(moid) if self.view else None
         if st is not None:
             return st.power

@@ -93,15 +93,22 @@ class VimClient:
         with self._lock:
             s = self.settings
             try:
-                self.content.sessionManager.Login(s.user, s.password)
-            except vim.fault.InvalidLogin:
-                raise VSphereError(f"vsphere: login to {s.safe_url} refused") from None
+                self._login()
             except CONNECTION_ERRORS:
                 # The first call after a server restart may hit a dead pooled socket.
-                self.content.sessionManager.Login(s.user, s.password)
+                self._login()
             self.logins += 1
             self.generation += 1
             log.info("vsphere[%s]: session re-established with %s", self.label, s.safe_url)
+
+    def _login(self) -> None:
+        s = self.settings
+        try:
+            self.content.sessionManager.Login(s.user, s.password)
+        except vim.fault.InvalidLogin:
+            # Also the answer when this session is still logged in (a retry raced us).
+            if self.content.sessionManager.currentSession is None:
+                raise VSphereError(f"vsphere: login to {s.safe_url} refused") from None
 
     def call(self, fn: Callable[[], T], retry: bool = True) -> T:
         """Run ``fn`` (SOAP calls); on an expired session or a dropped connection,

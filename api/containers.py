@@ -59,7 +59,10 @@ async def list_containers(request: web.Request) -> web.Response:
             continue
         if not container_matches(c, filters, engine):
             continue
-        out.append(container_summary(c))
+        row = container_summary(c)
+        if q_bool(request, "size"):
+            row["SizeRw"], row["SizeRootFs"] = engine.sizes(c)
+        out.append(row)
         if 0 < limit <= len(out):
             break
     return json_response(out)

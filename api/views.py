@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from vicd.backend import GuestStats
 from vicd.container import PAUSED, RESTARTING, RUNNING, Container
+from vicd.network import settings_view
+from vicd.ports import ports_view
 from vicd.timefmt import ZERO_TIME, created_seconds, human_duration, parse_rfc3339
 
 if TYPE_CHECKING:
@@ -51,26 +53,45 @@ def host_config(c: Container) -> dict[str, Any]:
     hc = {**HOST_CONFIG_DEFAULTS, **c.host_config}
     if not (hc.get("LogConfig") or {}).get("Type"):
         hc["LogConfig"] = {"Type": "json-file", "Config": {}}
+    if hc.get("MemorySwappiness") == -1:
+        hc["MemorySwappiness"] = None  # -1 is the CLI's "unset", dockerd answers null
     if not (hc.get("RestartPolicy") or {}).get("Name"):
         hc["RestartPolicy"] = {"Name": "no", "MaximumRetryCount": 0}
     return hc
 
 
-def network_settings() -> dict[str, Any]:
-    # Networking is a later issue: the VM has no NIC yet, as with --network none.
+def network_settings(c: Container) -> dict[str, Any]:
+    nic = c.nic
+    networks = settings_view(nic or {"network": _mode_name(c)}, c.state.running)
+    net = next(iter(networks.values()))
     return {
-        "Bridge": "", "SandboxID": "", "HairpinMode": False, "LinkLocalIPv6Address": "",
-        "LinkLocalIPv6PrefixLen": 0, "Ports": {}, "SandboxKey": "",
-        "SecondaryIPAddresses": None, "SecondaryIPv6Addresses": None, "EndpointID": "",
-        "Gateway": "", "GlobalIPv6Address": "", "GlobalIPv6PrefixLen": 0, "IPAddress": "",
-        "IPPrefixLen": 0, "IPv6Gateway": "", "MacAddress": "",
-        "Networks": {"none": {
-            "IPAMConfig": None, "Links": None, "Aliases": None, "NetworkID": "none",
-            "EndpointID": "", "Gateway": "", "IPAddress": "", "IPPrefixLen": 0,
-            "IPv6Gateway": "", "GlobalIPv6Address": "", "GlobalIPv6PrefixLen": 0,
-            "MacAddress": "", "DriverOpts": None,
-        }},
+        "Bridge": "", "SandboxID": c.id if nic else "", "HairpinMode": False,
+        "LinkLocalIPv6Address": "", "LinkLocalIPv6PrefixLen": 0,
+        "Ports": ports_view((nic or {}).get("ports") or [], c.config.get("ExposedPorts")),
+        "SandboxKey": "", "SecondaryIPAddresses": None, "SecondaryIPv6Addresses": None,
+        "EndpointID": net["EndpointID"], "Gateway": net["Gateway"], "GlobalIPv6Address": "",
+        "GlobalIPv6PrefixLen": 0, "IPAddress": net["IPAddress"],
+        "IPPrefixLen": net["IPPrefixLen"], "IPv6Gateway": "", "MacAddress": net["MacAddress"],
+        "Networks": networks,
     }
+
+
+def _mode_name(c: Container) -> str:
+    mode = c.host_config.get("NetworkMode") or "default"
+    return "bridge" if mode == "default" else mode
+
+
+def ps_ports(c: Container) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for m in (c.nic or {}).get("ports") or []:
+        out.append({"IP": m["host_ip"], "PrivatePort": m["container_port"],
+                    "PublicPort": m["host_port"], "Type": m["proto"]})
+    published = {(p["PrivatePort"], p["Type"]) for p in out}
+    for key in c.config.get("ExposedPorts") or {}:
+        port, _, proto = key.partition("/")
+        if port.isdigit() and (int(port), proto or "tcp") not in published:
+            out.append({"PrivatePort": int(port), "Type": proto or "tcp"})
+    return out
 
 
 def inspect_container(engine: Engine, c: Container) -> dict[str, Any]:
@@ -111,7 +132,7 @@ def inspect_container(engine: Engine, c: Container) -> dict[str, Any]:
         "GraphDriver": {"Name": "vicd-qcow2", "Data": {"Dir": str(cdir)}},
         "Mounts": [],
         "Config": container_config(c),
-        "NetworkSettings": network_settings(),
+        "NetworkSettings": network_settings(c),
     }
 
 
@@ -142,12 +163,12 @@ def container_summary(c: Container) -> dict[str, Any]:
         "ImageID": c.image_id,
         "Command": command,
         "Created": created_seconds(c.created),
-        "Ports": [],
+        "Ports": ps_ports(c),
         "Labels": c.config.get("Labels") or {},
         "State": c.state.status,
         "Status": status_text(c),
         "HostConfig": {"NetworkMode": c.host_config.get("NetworkMode") or "default"},
-        "NetworkSettings": {"Networks": network_settings()["Networks"]},
+        "NetworkSettings": {"Networks": network_settings(c)["Networks"]},
         "Mounts": [],
     }
 

@@ -241,10 +241,7 @@ _SWAPPINESS = (
     "GET /v1.41/containers/{id}/json: HostConfig.MemorySwappiness is -1 in vicd's answer; the "
     "schema allows 0..100 (or null, as a *int64), and dockerd 20.10 answers null for a "
     "container created by the CLI (which sends MemorySwappiness:-1)")
-XFAIL: dict[str, str] = {
-    "inspect-running": _SWAPPINESS,
-    "inspect-exited": _SWAPPINESS,
-}
+XFAIL: dict[str, str] = {}
 
 
 @pytest.mark.parametrize(("path", "spec_path", "query"), [

@@ -58,6 +58,9 @@ class VMSpec:
     # The container's stored record (Container.to_dict()): a backend that
     # keeps state outside the data root (vSphere extraConfig) saves it.
     record: dict[str, Any] = field(default_factory=dict)
+    # /etc/hosts and /etc/resolv.conf as the guest must see them.
+    hosts: str = ""
+    resolv: str = ""
 
 
 @dataclass
@@ -131,6 +134,10 @@ class ComputeBackend(Protocol):
     async def recover_containers(self) -> list[dict[str, Any]]:
         """Container records the backend keeps itself (vSphere: in each VM's
         extraConfig), for a daemon whose data root lost them. [] if none."""
+        ...
+
+    def disk_usage(self, container_id: str) -> int:
+        """Bytes the container wrote to its own disk (``SizeRw``); 0 if unknown."""
         ...
 
     async def running_ids(self) -> set[str]:

@@ -49,6 +49,9 @@ class Container:
     stopped_by_user: bool = False
     has_been_started: bool = False
     exec_ids: list[str] = field(default_factory=list)
+    # The NIC of the running VM (vicd.network.NIC as a dict), with its
+    # published ports; None while the container is not running.
+    nic: dict[str, Any] | None = None
 
     @property
     def short_id(self) -> str:

@@ -27,7 +27,9 @@ from vicd.events import EventBus
 from vicd.image_store import ImageStore
 from vicd.logs import LogWriter
 from vicd.names import check_name, new_id, random_name
+from vicd.network import hosts_file, make_nic, network_mode, resolv_file
 from vicd.plugin_manager import call_broadcast
+from vicd.ports import allocate, plan_ports
 from vicd.signals import parse_signal
 from vicd.store import ContainerStore
 from vicd.timefmt import rfc3339_now
@@ -202,6 +204,9 @@ class Engine:
         host_config = dict(host_config or {})
         _validate_host_config(host_config)
         merged = _merge_image_config(cfg, image.config.get("config") or {})
+        mode = network_mode(host_config)
+        plan_ports(merged, host_config)  # a bad -p is refused at create, as dockerd does
+        hosts_file("x", mode, host_config.get("ExtraHosts"))
         entrypoint = merged.get("Entrypoint") or []
         cmd = merged.get("Cmd") or []
         argv = list(entrypoint) + list(cmd)
@@ -315,11 +320,23 @@ class Engine:
             if c.state.status == cs.REMOVING:
                 raise Conflict(f"container is marked for removal and cannot be started: {c.id}")
             c.stopped_by_user = False
-            await self._start_vm(c)
+            try:
+                await self._start_vm(c)
+            except VicdError:
+                if c.host_config.get("AutoRemove"):
+                    # dockerd removes an --rm container whose start failed.
+                    asyncio.create_task(self._remove_quietly(c))
+                raise
 
     async def _start_vm(self, c: Container) -> None:
         rt = self.rt(c)
         spec = await self._vm_spec(c)
+        mode = network_mode(c.host_config)
+        ports = allocate(plan_ports(c.config, c.host_config), f"{c.name} ({c.id[:12]})")
+        nic = make_nic(c.id, mode, ports)
+        spec.nics = [nic.to_dict()]
+        spec.hosts = hosts_file(spec.hostname, mode, c.host_config.get("ExtraHosts"))
+        spec.resolv = resolv_file(c.host_config, mode)
         await call_broadcast(self.pm, "before_start", container=c, spec=spec)
         if rt.log is None:
             rt.log = LogWriter(self.log_path(c))
@@ -327,11 +344,9 @@ class Engine:
             vm = await self.backend.start(spec, self._sink(c))
         except StartError as e:
             await self._exited(c, e.exit_code, e.message)
-            if c.host_config.get("AutoRemove"):
-                # dockerd removes an --rm container whose start failed.
-                asyncio.create_task(self._remove_quietly(c))
             raise InvalidParameter(e.message) from e
         rt.vm = vm
+        c.nic = spec.nics[0]
         c.state = cs.State(status=cs.RUNNING, pid=vm.pid, started_at=rfc3339_now())
         c.has_been_started = True
         self.store.save(c)
@@ -369,6 +384,7 @@ class Engine:
             rt.log.flush_partial()
         c.state.status = cs.EXITED
         c.state.pid = 0
+        c.nic = None
         c.state.exit_code = code
         c.state.error = error
         c.state.finished_at = rfc3339_now()
@@ -473,11 +489,9 @@ class Engine:
     async def kill(self, ref: str, sig: str | None) -> None:
         c = self.get(ref)
         signum = parse_signal(sig, signal.SIGKILL)
-        if not c.state.running or c.state.status == cs.RESTARTING:
-            raise Conflict(f"Container {c.id} is not running")
         vm = self.rt(c).vm
-        if vm is None:
-            raise Conflict(f"Container {c.id} is not running")
+        if not c.state.running or c.state.status == cs.RESTARTING or vm is None:
+            raise Conflict(f"Cannot kill container: {ref}: Container {c.id} is not running")
         self.events.publish("container", "kill", c.id, signal=str(signum), **self._attrs(c))
         if signum == signal.SIGKILL:
             c.stopped_by_user = True
@@ -799,6 +813,15 @@ class Engine:
         attrs.update(image=c.image_ref, name=c.name)
         return attrs
 
+    def sizes(self, c: Container) -> tuple[int, int]:
+        """(SizeRw, SizeRootFs): what the container wrote, and that plus its image."""
+        usage = getattr(self.backend, "disk_usage", None)
+        rw = usage(c.id) if usage else 0
+        try:
+            return rw, rw + self.images.get(c.image_id).size
+        except NotFound:
+            return rw, rw
+
     def counts(self) -> dict[str, int]:
         running = sum(1 for c in self.containers.values() if c.state.status == cs.RUNNING)
         paused = sum(1 for c in self.containers.values() if c.state.status == cs.PAUSED)
@@ -820,9 +843,7 @@ def _validate_host_config(hc: dict[str, Any]) -> None:
     if retries < 0:
         raise InvalidParameter("maximum retry count cannot be negative")
     if retries and name != "on-failure":
-        raise InvalidParameter(
-            "invalid restart policy: maximum retry count can only be used with 'on-failure'"
-        )
+        raise InvalidParameter(f"maximum retry count cannot be used with restart policy '{name}'")
     if hc.get("AutoRemove") and name not in ("", "no"):
         raise InvalidParameter("can't create 'AutoRemove' container with restart policy")
     memory = int(hc.get("Memory") or 0)

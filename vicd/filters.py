@@ -70,7 +70,9 @@ def container_matches(c: Container, f: dict[str, list[str]], engine: Engine,
         if "label!" in f and any(label_matches(labels, [e]) for e in f["label!"]):
             return False
         return label_matches(labels, f.get("label", []))
-    if "name" in f and not any(re.search(p, "/" + c.name) for p in f["name"]):
+    # Like dockerd: a pattern may match the name with or without its slash.
+    if "name" in f and not any(re.search(p, "/" + c.name) or re.search(p, c.name)
+                               for p in f["name"]):
         return False
     if "id" in f and not any(c.id.startswith(v) for v in f["id"]):
         return False

@@ -26,7 +26,7 @@ log() { echo "guest-build: $*" >&2; }
 # Modules the guest needs beyond what is built in: the microvm transport and
 # the two devices (root disk, control port). Their dependencies are added from
 # modules.dep.
-WANT_MODULES=(virtio_mmio virtio_blk virtio_console virtio_rng)
+WANT_MODULES=(virtio_mmio virtio_blk virtio_console virtio_rng virtio_net)
 
 # Prints "PACKAGE VERSION" of the kernel the meta package depends on. One
 # apt-cache call: Debian's meta package pins the exact version.
@@ -50,6 +50,11 @@ if [ -z "${PKGVER:-}" ]; then
     PKGVER=$(apt-cache show --no-all-versions "$PKG" | awk '$1 == "Version:" { print $2; exit }')
 fi
 KREL=${PKG#linux-image-}
+
+# One build at a time per output folder (tests and the installer may race).
+mkdir -p "$OUT"
+exec 9>"$OUT/.lock"
+flock 9
 
 # The stamp covers everything that goes into the outputs.
 TETHER_HASH=$(cd "$HERE/tether" && find . -type f \( -name '*.go' -o -name 'go.mod' -o -name 'go.sum' \) -print0 |

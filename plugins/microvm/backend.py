@@ -286,6 +286,7 @@ class MicroVMBackend:
         disks: list[tuple[Path, str, bool]],
         mem_path: Path | None = None,
         mem_shared: bool = False,
+        nic: dict[str, Any] | None = None,
     ) -> list[str]:
         return build_cmdline(
             files=files,
@@ -297,6 +298,7 @@ class MicroVMBackend:
             disks=disks,
             mem_path=mem_path,
             mem_shared=mem_shared,
+            nic=nic,
         )
 
     async def create(self, spec: VMSpec) -> None:
@@ -316,6 +318,8 @@ class MicroVMBackend:
         out, _ = await proc.communicate()
         if proc.returncode != 0:
             raise VicdError(f"cannot create the container disk: {out.decode().strip()}")
+        # What an empty overlay takes (qcow2 metadata), so SizeRw starts at 0.
+        (files.dir / "disk0.base").write_text(str(files.root_disk.stat().st_blocks * 512))
 
     async def start(self, spec: VMSpec, sink: OutputSink) -> MicroVM:
         files = self.files(spec.container_id)
@@ -329,7 +333,8 @@ class MicroVMBackend:
         how = "restored from template"
         if launched is None:
             how = "booted"
-            argv = self._argv(files, self.accel, spec.memory_mb, spec.cpus, disks)
+            argv = self._argv(files, self.accel, spec.memory_mb, spec.cpus, disks,
+                              nic=_nic(spec))
             launched = await self._launch(argv, files)
         proc, conn, hello = launched
         t_boot = time.monotonic() - t0
@@ -342,6 +347,7 @@ class MicroVMBackend:
                 "hostname": spec.hostname,
                 "time_ns": time.time_ns(),
                 "seed": base64.b64encode(os.urandom(64)).decode(),
+                "network": _guest_network(spec),
                 **_process_fields(spec.process),
             }
             try:
@@ -411,7 +417,7 @@ class MicroVMBackend:
             return None
         self.templates.touch(t)
         try:
-            return await self._restore(t, shape, files, disks)
+            return await self._restore(t, shape, files, disks, _nic(spec))
         except (RestoreError, TetherError, QMPError, OSError) as e:
             self.templates.discard(t, f"restore failed: {e}")
             log.warning("container %s: cold boot after a failed restore", spec.container_id[:12])
@@ -444,10 +450,11 @@ class MicroVMBackend:
                 (tmp / name).unlink()
 
     async def _restore(
-        self, t: Template, shape: Shape, files: VMFiles, disks: list[tuple[Path, str, bool]]
+        self, t: Template, shape: Shape, files: VMFiles, disks: list[tuple[Path, str, bool]],
+        nic: dict[str, Any] | None,
     ) -> tuple[QemuProcess, TetherConnection, dict[str, Any]]:
         argv = self._argv(files, shape.accel, shape.memory_mb, shape.cpus, disks,
-                          mem_path=t.mem, mem_shared=False)
+                          mem_path=t.mem, mem_shared=False, nic=nic)
         argv += ["-incoming", "defer"]
         proc = QemuProcess.spawn(argv, files)
         try:
@@ -501,6 +508,15 @@ class MicroVMBackend:
     async def recover_containers(self) -> list[dict[str, Any]]:
         return []  # records live in the data root only
 
+    def disk_usage(self, container_id: str) -> int:
+        files = self.files(container_id)
+        try:
+            used = files.root_disk.stat().st_blocks * 512
+            base = int((files.dir / "disk0.base").read_text())
+        except (OSError, ValueError):
+            return 0
+        return max(0, used - base)
+
     async def running_ids(self) -> set[str]:
         out = set()
         if not self.vms.exists():
@@ -526,6 +542,20 @@ class MicroVMBackend:
     async def remove(self, container_id: str) -> None:
         await self.destroy(container_id)
         shutil.rmtree(self.files(container_id).dir, ignore_errors=True)
+
+
+def _nic(spec: VMSpec) -> dict[str, Any] | None:
+    return spec.nics[0] if spec.nics else None
+
+
+def _guest_network(spec: VMSpec) -> dict[str, Any]:
+    """The run request's network: what the tether configures inside the guest."""
+    ifaces = [
+        {"name": f"eth{i}", "mac": n.get("mac", ""), "address": n.get("address", ""),
+         "gateway": n.get("gateway", "")}
+        for i, n in enumerate(spec.nics)
+    ]
+    return {"interfaces": ifaces, "hosts": spec.hosts, "resolv": spec.resolv}
 
 
 async def _run(cmd: list[str]) -> None:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 QEMU = "qemu-system-x86_64"
 
@@ -80,6 +81,7 @@ def build_cmdline(
     disks: list[tuple[Path, str, bool]],
     mem_path: Path | None = None,
     mem_shared: bool = False,
+    nic: dict[str, Any] | None = None,
 ) -> list[str]:
     """The QEMU argv. ``disks`` are (path, format, read_only), the root first (vda).
 
@@ -123,12 +125,31 @@ def build_cmdline(
         "-device", "virtio-rng-device,rng=rng0",
         "-pidfile", str(files.pidfile),
     ]
+    argv += netdev_args(nic)
     for i, (path, fmt, ro) in enumerate(disks):
         drive = f"id=d{i},file={path},format={fmt},if=none,cache=unsafe"
         if ro:
             drive += ",readonly=on"
         argv += ["-drive", drive, "-device", f"virtio-blk-device,drive=d{i}"]
     return argv
+
+
+def netdev_args(nic: dict[str, Any] | None) -> list[str]:
+    """eth0: always present (templates need a fixed device layout), on slirp.
+
+    Published ports become slirp host forwards; ``none`` restricts the
+    netdev so nothing leaves the VM (the guest also keeps eth0 down).
+    """
+    netdev = "user,id=net0,net=10.0.2.0/24"
+    mac = "02:42:00:00:00:01"
+    if nic is not None:
+        mac = nic.get("mac") or mac
+        if nic.get("network") == "none":
+            netdev += ",restrict=on"
+        for p in nic.get("ports") or []:
+            netdev += (f",hostfwd={p['proto']}:{p['host_ip']}:{p['host_port']}"
+                       f"-:{p['container_port']}")
+    return ["-netdev", netdev, "-device", f"virtio-net-device,netdev=net0,mac={mac}"]
 
 
 class QemuProcess:

@@ -185,6 +185,8 @@ type runConfig struct {
 	Cols     uint16   `json:"cols"`
 	TimeNs   int64    `json:"time_ns"`
 	Seed     string   `json:"seed"`
+	// Network: NICs to configure and the /etc files to provide (optional).
+	Network *netConfig `json:"network"`
 }
 
 // reqError carries the exit code a failed start reports.

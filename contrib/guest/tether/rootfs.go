@@ -13,6 +13,9 @@ import (
 // rndAddEntropy is RNDADDENTROPY, _IOW('R', 0x03, int[2]).
 const rndAddEntropy = 0x40085203
 
+// rndReseedCrng is RNDRESEEDCRNG, _IO('R', 0x07): reseed the kernel's CRNG now.
+const rndReseedCrng = 0x5207
+
 // blkFlsBuf is BLKFLSBUF, _IO(0x12, 97): flush and drop a block device's buffers.
 const blkFlsBuf = 0x1261
 
@@ -48,6 +51,12 @@ func setClockAndSeed(cfg *runConfig) {
 	if err := ioctl(int(f.Fd()), rndAddEntropy, uintptr(unsafe.Pointer(&buf[0]))); err != nil {
 		// Not credited, but still mixed in.
 		f.Write(seed)
+	}
+	// Entropy added to the pool reaches the CRNG only at its next reseed
+	// (up to a minute away): clones of one snapshot would share output
+	// until then. Reseed now.
+	if err := ioctl(int(f.Fd()), rndReseedCrng, 0); err != nil {
+		logf("RNDRESEEDCRNG: %v", err)
 	}
 }
 
@@ -121,7 +130,11 @@ func (t *tether) poweroff() {
 	syscall.Kill(-1, syscall.SIGKILL)
 	syscall.Sync()
 	r := containerRoot
-	for _, m := range []string{r + "/dev/shm", r + "/dev/pts", r + "/dev", r + "/sys", r + "/proc"} {
+	var etc []string
+	for _, name := range etcFiles {
+		etc = append(etc, r+"/etc/"+name)
+	}
+	for _, m := range append(etc, r+"/dev/shm", r+"/dev/pts", r+"/dev", r+"/sys", r+"/proc") {
 		if syscall.Unmount(m, 0) != nil {
 			syscall.Unmount(m, syscall.MNT_DETACH)
 		}

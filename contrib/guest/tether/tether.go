@@ -207,6 +207,10 @@ func (t *tether) startMain(cfg *runConfig) (int, error) {
 		return 0, err
 	}
 	t.mountTime = time.Since(t0)
+	if err := setupNetwork(cfg.Network); err != nil {
+		return 0, &reqError{msg: "network: " + err.Error(), code: 1}
+	}
+	mountEtcFiles(cfg)
 	if cfg.Hostname != "" {
 		if err := syscall.Sethostname([]byte(cfg.Hostname)); err != nil {
 			logf("sethostname: %v", err)

@@ -1,0 +1,195 @@
+package main
+
+import (
+	"encoding/binary"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"syscall"
+	"time"
+	"unsafe"
+)
+
+// netIface is one NIC as the daemon wants the guest to see it.
+type netIface struct {
+	Name    string `json:"name"`    // eth0
+	MAC     string `json:"mac"`     // 02:42:...
+	Address string `json:"address"` // CIDR, e.g. 10.0.2.15/24; empty: leave down
+	Gateway string `json:"gateway"` // default route via this address, if set
+}
+
+// netConfig is the run request's "network" object (docs/tether.md).
+type netConfig struct {
+	Interfaces []netIface `json:"interfaces"`
+	Hosts      string     `json:"hosts"`  // /etc/hosts contents
+	Resolv     string     `json:"resolv"` // /etc/resolv.conf contents
+}
+
+const (
+	siocgifflags  = 0x8913
+	siocsifflags  = 0x8914
+	siocsifaddr   = 0x8916
+	siocsifnetmsk = 0x891c
+	siocsifhwaddr = 0x8924
+	siocaddrt     = 0x890b
+	iffUp         = 0x1
+	rtfUp         = 0x1
+	rtfGateway    = 0x2
+	arphrdEther   = 1
+)
+
+// ifreq is struct ifreq on 64-bit Linux: a name and a 24-byte union.
+type ifreq struct {
+	name [16]byte
+	data [24]byte
+}
+
+func newIfreq(name string) *ifreq {
+	r := &ifreq{}
+	copy(r.name[:], name)
+	return r
+}
+
+func putSockaddrIn(b []byte, ip net.IP) {
+	binary.LittleEndian.PutUint16(b[0:2], syscall.AF_INET)
+	copy(b[4:8], ip.To4())
+}
+
+// setupNetwork configures loopback and the container's NICs with plain
+// ioctls: the container image may have no `ip` tool, and the initramfs has
+// none either.
+func setupNetwork(cfg *netConfig) error {
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_DGRAM, 0)
+	if err != nil {
+		return fmt.Errorf("socket: %v", err)
+	}
+	defer syscall.Close(fd)
+	if err := ifUp(fd, "lo"); err != nil {
+		logf("lo up: %v", err)
+	}
+	if cfg == nil {
+		return nil
+	}
+	for _, nic := range cfg.Interfaces {
+		if err := configureNIC(fd, nic); err != nil {
+			return fmt.Errorf("%s: %v", nic.Name, err)
+		}
+	}
+	return nil
+}
+
+func configureNIC(fd int, nic netIface) error {
+	// virtio_net probes asynchronously after the module loads.
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		if _, err := os.Stat("/sys/class/net/" + nic.Name); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no such interface")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if nic.MAC != "" {
+		mac, err := net.ParseMAC(nic.MAC)
+		if err != nil {
+			return fmt.Errorf("mac %q: %v", nic.MAC, err)
+		}
+		r := newIfreq(nic.Name)
+		binary.LittleEndian.PutUint16(r.data[0:2], arphrdEther)
+		copy(r.data[2:8], mac)
+		if err := ioctl(fd, siocsifhwaddr, uintptr(unsafe.Pointer(r))); err != nil {
+			return fmt.Errorf("set mac: %v", err)
+		}
+	}
+	if nic.Address == "" {
+		return nil
+	}
+	ip, ipnet, err := net.ParseCIDR(nic.Address)
+	if err != nil {
+		return fmt.Errorf("address %q: %v", nic.Address, err)
+	}
+	r := newIfreq(nic.Name)
+	putSockaddrIn(r.data[:], ip)
+	if err := ioctl(fd, siocsifaddr, uintptr(unsafe.Pointer(r))); err != nil {
+		return fmt.Errorf("set address: %v", err)
+	}
+	r = newIfreq(nic.Name)
+	putSockaddrIn(r.data[:], net.IP(ipnet.Mask))
+	if err := ioctl(fd, siocsifnetmsk, uintptr(unsafe.Pointer(r))); err != nil {
+		return fmt.Errorf("set netmask: %v", err)
+	}
+	if err := ifUp(fd, nic.Name); err != nil {
+		return err
+	}
+	if nic.Gateway != "" {
+		gw := net.ParseIP(nic.Gateway)
+		if gw == nil {
+			return fmt.Errorf("gateway %q", nic.Gateway)
+		}
+		// struct rtentry on 64-bit Linux: dst at 8, gateway at 24, genmask
+		// at 40, flags at 56; 120 bytes in all. dst and genmask stay 0/0.
+		var rt [120]byte
+		binary.LittleEndian.PutUint16(rt[8:10], syscall.AF_INET)
+		putSockaddrIn(rt[24:40], gw)
+		binary.LittleEndian.PutUint16(rt[40:42], syscall.AF_INET)
+		binary.LittleEndian.PutUint16(rt[56:58], rtfUp|rtfGateway)
+		if err := ioctl(fd, siocaddrt, uintptr(unsafe.Pointer(&rt[0]))); err != nil && err != syscall.EEXIST {
+			return fmt.Errorf("default route: %v", err)
+		}
+	}
+	return nil
+}
+
+func ifUp(fd int, name string) error {
+	r := newIfreq(name)
+	if err := ioctl(fd, siocgifflags, uintptr(unsafe.Pointer(r))); err != nil {
+		return fmt.Errorf("get flags: %v", err)
+	}
+	flags := binary.LittleEndian.Uint16(r.data[0:2]) | iffUp
+	binary.LittleEndian.PutUint16(r.data[0:2], flags)
+	if err := ioctl(fd, siocsifflags, uintptr(unsafe.Pointer(r))); err != nil {
+		return fmt.Errorf("up: %v", err)
+	}
+	return nil
+}
+
+// etcFiles are the files dockerd bind-mounts into every container.
+var etcFiles = []string{"hosts", "resolv.conf", "hostname"}
+
+// mountEtcFiles writes /etc/hosts, /etc/resolv.conf and /etc/hostname to
+// the initramfs and bind-mounts them over the container's own, as dockerd
+// does: the image's files stay untouched on its disk.
+func mountEtcFiles(cfg *runConfig) {
+	contents := map[string]string{"hostname": cfg.Hostname + "\n"}
+	if cfg.Network != nil {
+		contents["hosts"] = cfg.Network.Hosts
+		contents["resolv.conf"] = cfg.Network.Resolv
+	}
+	os.MkdirAll("/tmp/etc", 0o755)
+	os.MkdirAll(containerRoot+"/etc", 0o755)
+	for _, name := range etcFiles {
+		body, ok := contents[name]
+		if !ok || body == "" {
+			continue
+		}
+		src := filepath.Join("/tmp/etc", name)
+		if err := os.WriteFile(src, []byte(body), 0o644); err != nil {
+			logf("write %s: %v", src, err)
+			continue
+		}
+		dst := filepath.Join(containerRoot, "etc", name)
+		if fi, err := os.Lstat(dst); err != nil || !fi.Mode().IsRegular() {
+			// A missing file (or a symlink, which could point anywhere)
+			// becomes an empty regular file to mount on.
+			os.Remove(dst)
+			if f, err := os.OpenFile(dst, os.O_CREATE|os.O_WRONLY, 0o644); err == nil {
+				f.Close()
+			}
+		}
+		if err := syscall.Mount(src, dst, "", syscall.MS_BIND, ""); err != nil {
+			logf("bind %s: %v", dst, err)
+		}
+	}
+}

@@ -267,17 +267,38 @@ func wrap(next http.Handler, f *fixer, instantClone bool) http.Handler {
 			}
 		}
 		m := thisRe.FindSubmatch(body)
-		if op != "" && m != nil {
-			f.mu.Lock()
-			defer f.mu.Unlock()
-			f.source = types.ManagedObjectReference{Type: "VirtualMachine", Value: string(m[1])}
-			body = thisRe.ReplaceAll(body, []byte(`<_this type="`+fixerType+`">`+f.Self.Value+`</_this>`))
+		if op == "" || m == nil {
+			r.Body = io.NopCloser(bytes.NewReader(body))
+			next.ServeHTTP(w, r)
+			return
 		}
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		f.source = types.ManagedObjectReference{Type: "VirtualMachine", Value: string(m[1])}
+		body = thisRe.ReplaceAll(body, []byte(`<_this type="`+fixerType+`">`+f.Self.Value+`</_this>`))
 		r.Body = io.NopCloser(bytes.NewReader(body))
 		r.ContentLength = int64(len(body))
-		next.ServeHTTP(w, r)
+		// Faults name _this (NotAuthenticated's object): give the client its VM back.
+		rec := &recorder{header: w.Header(), status: http.StatusOK}
+		next.ServeHTTP(rec, r)
+		out := bytes.ReplaceAll(rec.body.Bytes(), []byte(`type="`+fixerType+`">`+f.Self.Value+`<`),
+			[]byte(`type="VirtualMachine">`+string(m[1])+`<`))
+		w.Header().Set("Content-Length", fmt.Sprint(len(out)))
+		w.WriteHeader(rec.status)
+		w.Write(out)
 	})
 }
+
+// recorder buffers a response so it can be rewritten.
+type recorder struct {
+	header http.Header
+	status int
+	body   bytes.Buffer
+}
+
+func (r *recorder) Header() http.Header         { return r.header }
+func (r *recorder) Write(b []byte) (int, error) { return r.body.Write(b) }
+func (r *recorder) WriteHeader(status int)      { r.status = status }
 
 // prepareTemplate turns one of the model's VMs into the powered-off template VM.
 func prepareTemplate(name string) {

@@ -225,8 +225,13 @@ class VSphereBackend:
     async def setup(self) -> None:
         await asyncio.to_thread(self.client.connect)
         await asyncio.to_thread(self.view_client.connect)
-        await self.listener.start()
+        # Inventory first: a wrong name is the likelier mistake, reported as such.
         await asyncio.to_thread(self._infra_sync)
+        try:
+            await self.listener.start()
+        except OSError as e:
+            raise VSphereError(f"vsphere: cannot listen for serial ports on "
+                               f"{self.settings.serial_listen}: {e.strerror}") from None
         loop = asyncio.get_running_loop()
         self.view = FolderView(self.view_client, self._resolve_folder, loop, self._on_change)
         self.view.start()

@@ -65,6 +65,12 @@ def test_lifecycle_names_labels_logs_exec(vsphere: VSphereEnv) -> None:
     assert d.docker("exec", "life", "echo", "from-exec").stdout == "from-exec\n"
     r = d.docker("exec", "life", "sh", "-c", "exit 7", check=False)
     assert r.returncode == 7
+    assert cid[:12] in d.docker("exec", "life", "cat", "/etc/hosts").stdout
+    # pause/unpause: the VM is suspended and powered on again; the process survives.
+    d.docker("pause", "life")
+    wait_until(lambda: admin.vm("life").runtime.powerState == "suspended", what="suspend")
+    d.docker("unpause", "life")
+    assert d.docker("exec", "life", "echo", "resumed").stdout == "resumed\n"
     # The VM: named <name>-<short id>, annotated, the record in extraConfig.
     vm = admin.vm("life")
     assert vm.name == f"life-{cid[:12]}"

@@ -595,6 +595,10 @@ class VSphereBackend:
         channel = arrival.attach(sink)
         config = {"root": "/dev/vda", "fstype": "ext4", "hostname": spec.hostname,
                   "time_ns": time.time_ns(), "seed": base64.b64encode(os.urandom(64)).decode(),
+                  # The VM's NIC is the port group's (vSphere's network, not vicd's
+                  # slirp): the guest gets the container's /etc/hosts and resolv.conf.
+                  "network": {"interfaces": [], "hosts": getattr(spec, "hosts", ""),
+                              "resolv": getattr(spec, "resolv", "")},
                   **_process_fields(spec.process)}
         try:
             reply = await conn.request("run", config=config, timeout=30)

@@ -181,10 +181,21 @@ async def system_df(request: web.Request) -> web.Response:
         "LayersSize": sum(i.size for i in images),
         "Images": img_rows,
         "Containers": containers,
-        "Volumes": [],
+        "Volumes": _volumes_df(engine),
         "BuildCache": [],
         "BuilderSize": 0,
     })
+
+
+def _volumes_df(engine: Any) -> list[dict[str, Any]]:
+    out = []
+    for v in engine.volumes.list():
+        row = engine.volumes.view(v)
+        drv = engine.volumes.drivers.get(v.driver)
+        row["UsageData"] = {"Size": drv.usage(v.name) if drv else -1,
+                            "RefCount": len(engine.volume_users(v.name))}
+        out.append(row)
+    return out
 
 
 def _disk_usage(path: Any) -> int:

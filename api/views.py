@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from vicd.backend import GuestStats
 from vicd.container import PAUSED, RESTARTING, RUNNING, Container
+from vicd.mounts import mount_view
 from vicd.network import settings_view
 from vicd.ports import ports_view
 from vicd.timefmt import ZERO_TIME, created_seconds, human_duration, parse_rfc3339
@@ -130,7 +131,7 @@ def inspect_container(engine: Engine, c: Container) -> dict[str, Any]:
         "ExecIDs": [e for e in c.exec_ids if e in engine.execs] or None,
         "HostConfig": host_config(c),
         "GraphDriver": {"Name": "vicd-qcow2", "Data": {"Dir": str(cdir)}},
-        "Mounts": [],
+        "Mounts": [mount_view(m) for m in c.mounts],
         "Config": container_config(c),
         "NetworkSettings": network_settings(c),
     }
@@ -169,7 +170,7 @@ def container_summary(c: Container) -> dict[str, Any]:
         "Status": status_text(c),
         "HostConfig": {"NetworkMode": c.host_config.get("NetworkMode") or "default"},
         "NetworkSettings": {"Networks": network_settings(c)["Networks"]},
-        "Mounts": [],
+        "Mounts": [mount_view(m) for m in c.mounts],
     }
 
 

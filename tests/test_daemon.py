@@ -92,6 +92,13 @@ def test_third_party_plugin_hooks_are_called(guest_dir, busybox_tar, tmp_path: P
             "container_created", "before_start", "after_stop", "container_removed"]
         assert len({c["id"] for c in calls}) == 1
         assert calls[2]["exit_code"] == 0
+        # Its volume driver serves `docker volume create -d testdisk`.
+        d.docker("volume", "create", "-d", "testdisk", "tv")
+        d.docker("run", "--rm", "-v", "tv:/t", "busybox", "sh", "-c", "echo via-plugin > /t/f")
+        r = d.docker("run", "--rm", "-v", "tv:/t", "busybox", "cat", "/t/f")
+        assert r.stdout == "via-plugin\n"
+        assert (d.data_root / "testdisk" / "tv" / "disk.img").is_file()
+        assert "volume_create" in (tmp_path / "hooks.log").read_text()
     finally:
         d.stop()
         d.kill_vms()

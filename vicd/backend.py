@@ -37,6 +37,8 @@ class DiskSpec:
     target: str
     read_only: bool = False
     fmt: str = "raw"
+    # A new volume: the guest copies the image's files at target into it first.
+    copy_up: bool = False
 
 
 @dataclass

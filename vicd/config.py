@@ -24,6 +24,7 @@ class Config:
     vm_memory_mb: int = 256
     vm_min_memory_mb: int = 96
     rootfs_size_mb: int = 1024
+    volume_size_mb: int = 1024
     # Fast start: restore per-shape template snapshots instead of cold boots.
     templates: bool = True
     templates_max: int = 8

@@ -52,6 +52,8 @@ class Container:
     # The NIC of the running VM (vicd.network.NIC as a dict), with its
     # published ports; None while the container is not running.
     nic: dict[str, Any] | None = None
+    # Volumes in Docker's Mounts shape (vicd.mounts), fixed at create.
+    mounts: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def short_id(self) -> str:

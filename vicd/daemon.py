@@ -17,6 +17,7 @@ from aiohttp import web
 from vicd.api import containers, system
 from vicd.api import exec as exec_routes
 from vicd.api import images as image_routes
+from vicd.api import volumes as volume_routes
 from vicd.api.app import make_app
 from vicd.api.keys import DAEMON, ENGINE, EVENTS, IMAGES
 from vicd.backend import ComputeBackend
@@ -26,6 +27,7 @@ from vicd.errors import InvalidParameter, VicdError
 from vicd.events import EventBus
 from vicd.image_store import ImageStore
 from vicd.plugin_manager import make_plugin_manager
+from vicd.volumes import VolumeManager
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,9 @@ class Daemon:
         self.backend: ComputeBackend = self.backends[config.backend](config)
         self.events = EventBus()
         self.images = ImageStore(config.data_root / "images")
-        self.engine = Engine(config, self.pm, self.backend, self.images, self.events)
+        self.volumes = VolumeManager(config.data_root / "volumes", self._collect_volume_drivers())
+        self.engine = Engine(config, self.pm, self.backend, self.images, self.events,
+                             self.volumes)
         self.daemon_id = self._daemon_id()
         self.runners: list[web.AppRunner] = []
 
@@ -51,6 +55,13 @@ class Daemon:
         for result in self.pm.hook.register_compute_backends(config=self.config):
             for name, factory in (result or {}).items():
                 out.setdefault(name, factory)
+        return out
+
+    def _collect_volume_drivers(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for result in self.pm.hook.register_volume_drivers(config=self.config):
+            for name, factory in (result or {}).items():
+                out.setdefault(name, factory(self.config))
         return out
 
     def _daemon_id(self) -> str:
@@ -68,7 +79,7 @@ class Daemon:
             app[ENGINE] = self.engine
             app[IMAGES] = self.images
             app[EVENTS] = self.events
-            for module in (system, containers, exec_routes, image_routes):
+            for module in (system, containers, exec_routes, image_routes, volume_routes):
                 module.setup(app)
 
         return make_app(setup)

@@ -19,13 +19,22 @@ from typing import Any
 import pluggy
 
 from vicd import container as cs
-from vicd.backend import VM, ComputeBackend, GuestProcess, ProcessSpec, StartError, VMSpec
+from vicd.backend import (
+    VM,
+    ComputeBackend,
+    DiskSpec,
+    GuestProcess,
+    ProcessSpec,
+    StartError,
+    VMSpec,
+)
 from vicd.config import Config
 from vicd.container import Container
 from vicd.errors import Conflict, InvalidParameter, NotFound, NotModified, VicdError
 from vicd.events import EventBus
 from vicd.image_store import ImageStore
 from vicd.logs import LogWriter
+from vicd.mounts import plan_mounts, volumes_from
 from vicd.names import check_name, new_id, random_name
 from vicd.network import hosts_file, make_nic, network_mode, resolv_file
 from vicd.plugin_manager import call_broadcast
@@ -33,6 +42,7 @@ from vicd.ports import allocate, plan_ports
 from vicd.signals import parse_signal
 from vicd.store import ContainerStore
 from vicd.timefmt import rfc3339_now
+from vicd.volumes import VolumeManager
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +96,10 @@ class Engine:
         backend: ComputeBackend,
         images: ImageStore,
         events: EventBus,
+        volumes: VolumeManager | None = None,
     ) -> None:
         self.config = config
+        self.volumes = volumes or VolumeManager(config.data_root / "volumes", {})
         self.pm = pm
         self.backend = backend
         self.images = images
@@ -212,6 +224,13 @@ class Engine:
         argv = list(entrypoint) + list(cmd)
         if not argv:
             raise InvalidParameter("No command specified")
+        lent: list[dict[str, Any]] = []
+        for spec_ in host_config.get("VolumesFrom") or []:
+            source = self.get(spec_.partition(":")[0])
+            lent += volumes_from(spec_, source.mounts)[1]
+        mounts = plan_mounts(merged, host_config, lent)
+        for m in mounts:
+            self.volumes.driver(m["Driver"] or "local")  # unknown: fail before anything exists
         async with self._name_lock:
             cid = new_id()
             if name:
@@ -234,6 +253,8 @@ class Engine:
             self.containers[cid] = c
             self.store.save(c)
         try:
+            c.mounts = await self._create_volumes(c, mounts)
+            self.store.save(c)
             spec = await self._vm_spec(c)
             await self.backend.create(spec)
         except BaseException:
@@ -243,6 +264,60 @@ class Engine:
         self.events.publish("container", "create", c.id, **self._attrs(c))
         await call_broadcast(self.pm, "container_created", container=c)
         return c, warnings
+
+    async def _create_volumes(self, c: Container, mounts: list[dict[str, Any]]
+                              ) -> list[dict[str, Any]]:
+        """Create the named volumes that are missing and the anonymous ones."""
+        out = []
+        for m in mounts:
+            v, created = await asyncio.to_thread(
+                self.volumes.create, m["Name"] or None, m["Driver"], m.get("DriverOpts"),
+                m.get("Labels"), m.get("Anonymous", False))
+            if created:
+                self.events.publish("volume", "create", v.name, driver=v.driver)
+            view = self.volumes.view(v)
+            out.append(dict(m, Name=v.name, Source=view["Mountpoint"], Driver=v.driver))
+        return out
+
+    def volume_users(self, name: str, running_only: bool = False) -> list[str]:
+        return [c.id for c in self.containers.values()
+                if any(m["Name"] == name for m in c.mounts)
+                and (c.state.running or not running_only)]
+
+    def _attach_volumes(self, c: Container) -> list[DiskSpec]:
+        disks = []
+        for m in c.mounts:
+            others = [o for o in self.volume_users(m["Name"], running_only=True) if o != c.id]
+            if others:
+                # One ext4 disk cannot be mounted by two VMs at once.
+                raise Conflict(f"volume {m['Name']} is in use by running container "
+                               f"{others[0][:12]}: a volume disk is attached to one VM at a time")
+            v = self.volumes.get(m["Name"])
+            disk = self.volumes.driver(v.driver).mount(v.name, c.id)
+            disk.target = m["Destination"]
+            disk.read_only = not m["RW"]
+            disk.copy_up = not v.initialized and m["RW"]
+            disks.append(disk)
+        return disks
+
+    def _volumes_started(self, c: Container) -> None:
+        for m in c.mounts:
+            v = self.volumes.get(m["Name"])
+            if not v.initialized and m["RW"]:
+                v.initialized = True
+                self.volumes.save(v)
+            self.events.publish("volume", "mount", v.name, container=c.id,
+                                destination=m["Destination"], driver=v.driver,
+                                propagation="", **{"read/write": str(m["RW"]).lower()})
+
+    def _volumes_stopped(self, c: Container) -> None:
+        for m in c.mounts:
+            try:
+                v = self.volumes.get(m["Name"])
+                self.volumes.driver(v.driver).unmount(v.name, c.id)
+            except VicdError:
+                continue
+            self.events.publish("volume", "unmount", v.name, container=c.id, driver=v.driver)
 
     def _check_name_free(self, name: str, exclude: str | None = None) -> None:
         for other in self.containers.values():
@@ -337,6 +412,7 @@ class Engine:
         spec.nics = [nic.to_dict()]
         spec.hosts = hosts_file(spec.hostname, mode, c.host_config.get("ExtraHosts"))
         spec.resolv = resolv_file(c.host_config, mode)
+        spec.disks = self._attach_volumes(c)
         await call_broadcast(self.pm, "before_start", container=c, spec=spec)
         if rt.log is None:
             rt.log = LogWriter(self.log_path(c))
@@ -346,6 +422,7 @@ class Engine:
             await self._exited(c, e.exit_code, e.message)
             raise InvalidParameter(e.message) from e
         rt.vm = vm
+        self._volumes_started(c)
         c.nic = spec.nics[0]
         c.state = cs.State(status=cs.RUNNING, pid=vm.pid, started_at=rfc3339_now())
         c.has_been_started = True
@@ -384,6 +461,8 @@ class Engine:
             rt.log.flush_partial()
         c.state.status = cs.EXITED
         c.state.pid = 0
+        if c.nic is not None:
+            self._volumes_stopped(c)
         c.nic = None
         c.state.exit_code = code
         c.state.error = error
@@ -428,7 +507,16 @@ class Engine:
 
     async def _remove_quietly(self, c: Container) -> None:
         with contextlib.suppress(VicdError):
-            await self.remove(c.id, force=True)
+            await self.remove(c.id, force=True, volumes=True)
+
+    async def _remove_anonymous_volumes(self, c: Container) -> None:
+        """``rm -v`` and ``--rm``: the container's anonymous volumes go with it."""
+        for m in c.mounts:
+            if not m.get("Anonymous") or self.volume_users(m["Name"]):
+                continue
+            with contextlib.suppress(VicdError):
+                await asyncio.to_thread(self.volumes.remove, m["Name"], [])
+                self.events.publish("volume", "destroy", m["Name"], driver=m["Driver"])
 
     async def _restart_quietly(self, c: Container) -> None:
         rt = self.rt(c)
@@ -583,7 +671,7 @@ class Engine:
         c.stopped_by_user = True
         c.state.status = cs.REMOVING
         self.store.save(c)
-        await self._finish_remove(c)
+        await self._finish_remove(c, volumes)
 
     async def _removed_by_backend(self, cid: str) -> None:
         """The container's VM was destroyed outside vicd: remove the container (with events)."""
@@ -594,7 +682,7 @@ class Engine:
         with contextlib.suppress(VicdError):
             await self.remove(cid, force=True)
 
-    async def _finish_remove(self, c: Container) -> None:
+    async def _finish_remove(self, c: Container, volumes: bool = False) -> None:
         rt = self.runtimes.pop(c.id, None)
         if rt and rt.log:
             rt.log.close()
@@ -606,6 +694,8 @@ class Engine:
         for eid in c.exec_ids:
             self.execs.pop(eid, None)
         self.events.publish("container", "destroy", c.id, **self._attrs(c))
+        if volumes:
+            await self._remove_anonymous_volumes(c)
         await call_broadcast(self.pm, "container_removed", container=c)
         if rt:
             for f in rt.removed_waiters + rt.exit_waiters:

@@ -40,8 +40,13 @@ def register_compute_backends(config: Config) -> dict[str, Any]:
 def register_volume_drivers(config: Config) -> dict[str, Any]:
     """Offer volume drivers (Docker volume-driver shape), by name.
 
+    Called once at daemon start. A driver implements ``vicd.volumes.VolumeDriver``
+    (capabilities, create, remove, path, mount, unmount, usage); ``mount``
+    returns the ``vicd.backend.DiskSpec`` the compute backend attaches. The
+    built-in ``local`` driver (microvm) is registered ``trylast``.
+
     :param config: the daemon's configuration.
-    :return: a mapping of driver name to a factory ``factory(config)``.
+    :return: a mapping of driver name to a factory ``factory(config) -> VolumeDriver``.
     """
 
 

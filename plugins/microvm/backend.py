@@ -39,6 +39,7 @@ from vicd.plugins.microvm.tether import (
     TetherConnection,
     TetherError,
 )
+from vicd.plugins.microvm.volumes import VOLUME_SLOT_BYTES
 
 from vicd.backend import GuestStats, OutputSink, ProcessSpec, StartError, VMSpec
 from vicd.config import Config
@@ -327,7 +328,9 @@ class MicroVMBackend:
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
         disks = [(files.root_disk, "qcow2", False)]
-        disks += [(d.path, d.fmt, d.read_only) for d in spec.disks]
+        # Read-only volumes are attached writable and mounted read-only by the
+        # guest: ext4 may need to replay its journal even for a read-only mount.
+        disks += [(d.path, d.fmt, False) for d in spec.disks]
         t0 = time.monotonic()
         launched = await self._launch_from_template(spec, files, disks)
         how = "restored from template"
@@ -338,7 +341,8 @@ class MicroVMBackend:
             launched = await self._launch(argv, files)
         proc, conn, hello = launched
         t_boot = time.monotonic() - t0
-        vm = MicroVM(spec.container_id, files, proc, conn, spec.ephemeral)
+        # Volumes outlive the container: only a VM without them may end unflushed.
+        vm = MicroVM(spec.container_id, files, proc, conn, spec.ephemeral and not spec.disks)
         try:
             channel = conn.open_channel(1, sink)
             config = {
@@ -348,6 +352,7 @@ class MicroVMBackend:
                 "time_ns": time.time_ns(),
                 "seed": base64.b64encode(os.urandom(64)).decode(),
                 "network": _guest_network(spec),
+                "mounts": _guest_mounts(spec),
                 **_process_fields(spec.process),
             }
             try:
@@ -403,7 +408,9 @@ class MicroVMBackend:
         """Restore the shape's template, building it first if needed; None: cold-boot."""
         if not self.config.templates:
             return None
-        if not (files.dir / "slot").is_file() or spec.disks:
+        if not (files.dir / "slot").is_file() or any(
+            d.fmt != "raw" or d.path.stat().st_size != VOLUME_SLOT_BYTES for d in spec.disks
+        ):
             log.info("container %s: cold boot (disk layout has no template)",
                      spec.container_id[:12])
             return None
@@ -429,8 +436,14 @@ class MicroVMBackend:
         placeholder = tmp / "slot0.qcow2"
         await _run(["qemu-img", "create", "-q", "-f", "qcow2", str(placeholder),
                     str(shape.root_slot_bytes)])
-        argv = self._argv(files, shape.accel, shape.memory_mb, shape.cpus,
-                          [(placeholder, "qcow2", False)], mem_path=tmp / "mem", mem_shared=True)
+        disks = [(placeholder, "qcow2", False)]
+        for i in range(shape.extra_disks):  # volume slots: sparse raw files
+            path = tmp / f"slot{i + 1}.raw"
+            with open(path, "wb") as f:
+                f.truncate(VOLUME_SLOT_BYTES)
+            disks.append((path, "raw", False))
+        argv = self._argv(files, shape.accel, shape.memory_mb, shape.cpus, disks,
+                          mem_path=tmp / "mem", mem_shared=True)
         proc, conn, _ = await self._launch(argv, files)
         try:
             qmp = await QMP.connect(str(files.qmp))
@@ -445,9 +458,9 @@ class MicroVMBackend:
             await conn.close()
             proc.kill()
             await proc.wait(5)
-        for name in ("ctl.sock", "qmp.sock", "slot0.qcow2", "qemu.pid"):
+        for path in [tmp / "ctl.sock", tmp / "qmp.sock", tmp / "qemu.pid", *tmp.glob("slot*")]:
             with contextlib.suppress(FileNotFoundError):
-                (tmp / name).unlink()
+                path.unlink()
 
     async def _restore(
         self, t: Template, shape: Shape, files: VMFiles, disks: list[tuple[Path, str, bool]],
@@ -556,6 +569,15 @@ def _guest_network(spec: VMSpec) -> dict[str, Any]:
         for i, n in enumerate(spec.nics)
     ]
     return {"interfaces": ifaces, "hosts": spec.hosts, "resolv": spec.resolv}
+
+
+def _guest_mounts(spec: VMSpec) -> list[dict[str, Any]]:
+    """Volume disks follow the root disk: vdb, vdc, ... in spec order."""
+    return [
+        {"device": f"/dev/vd{chr(ord('b') + i)}", "fstype": "ext4", "target": d.target,
+         "readonly": d.read_only, "copy_up": d.copy_up}
+        for i, d in enumerate(spec.disks)
+    ]
 
 
 async def _run(cmd: list[str]) -> None:

@@ -13,3 +13,10 @@ def register_compute_backends(config: Config) -> dict[str, Any]:
     from vicd.plugins.microvm.backend import MicroVMBackend
 
     return {"microvm": MicroVMBackend}
+
+
+@hookimpl(trylast=True)
+def register_volume_drivers(config: Config) -> dict[str, Any]:
+    from vicd.plugins.microvm.volumes import LocalVolumeDriver
+
+    return {"local": LocalVolumeDriver}

@@ -187,6 +187,8 @@ type runConfig struct {
 	Seed     string   `json:"seed"`
 	// Network: NICs to configure and the /etc files to provide (optional).
 	Network *netConfig `json:"network"`
+	// Mounts: volume disks to mount in the container (optional).
+	Mounts []volumeMount `json:"mounts"`
 }
 
 // reqError carries the exit code a failed start reports.

@@ -5,6 +5,8 @@ import (
 	"encoding/binary"
 	"fmt"
 	"os"
+	"sort"
+	"strings"
 	"syscall"
 	"time"
 	"unsafe"
@@ -130,13 +132,18 @@ func (t *tether) poweroff() {
 	syscall.Kill(-1, syscall.SIGKILL)
 	syscall.Sync()
 	r := containerRoot
-	var etc []string
-	for _, name := range etcFiles {
-		etc = append(etc, r+"/etc/"+name)
-	}
-	for _, m := range append(etc, r+"/dev/shm", r+"/dev/pts", r+"/dev", r+"/sys", r+"/proc") {
-		if syscall.Unmount(m, 0) != nil {
-			syscall.Unmount(m, syscall.MNT_DETACH)
+	// Everything mounted below the root (kernel filesystems, /etc files,
+	// volumes), deepest first; volumes need a clean unmount to keep data.
+	for _, m := range mountsBelow(r) {
+		for i := 0; i < 20; i++ {
+			if err := syscall.Unmount(m, 0); err == nil || err == syscall.EINVAL {
+				break
+			}
+			if i == 19 {
+				syscall.Mount("", m, "", syscall.MS_REMOUNT|syscall.MS_RDONLY, "")
+				syscall.Unmount(m, syscall.MNT_DETACH)
+			}
+			time.Sleep(10 * time.Millisecond)
 		}
 	}
 	// Killed processes release their files asynchronously: retry briefly
@@ -159,4 +166,21 @@ func (t *tether) poweroff() {
 	logf("reboot failed; halting")
 	syscall.Reboot(syscall.LINUX_REBOOT_CMD_POWER_OFF)
 	select {}
+}
+
+// mountsBelow lists the mount points under root, deepest first.
+func mountsBelow(root string) []string {
+	data, err := os.ReadFile("/proc/self/mounts")
+	if err != nil {
+		return nil
+	}
+	var out []string
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 1 && strings.HasPrefix(f[1], root+"/") {
+			out = append(out, f[1])
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return len(out[i]) > len(out[j]) })
+	return out
 }

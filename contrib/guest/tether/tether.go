@@ -206,6 +206,9 @@ func (t *tether) startMain(cfg *runConfig) (int, error) {
 	if err := mountRoot(cfg); err != nil {
 		return 0, err
 	}
+	if err := mountVolumes(cfg.Mounts); err != nil {
+		return 0, &reqError{msg: err.Error(), code: 1}
+	}
 	t.mountTime = time.Since(t0)
 	if err := setupNetwork(cfg.Network); err != nil {
 		return 0, &reqError{msg: "network: " + err.Error(), code: 1}

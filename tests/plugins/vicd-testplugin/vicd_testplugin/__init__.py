@@ -38,3 +38,22 @@ def after_stop(container: Any, exit_code: int) -> None:
 @hookimpl
 def container_removed(container: Any) -> None:
     _record("container_removed", id=container.id)
+
+
+@hookimpl
+def register_volume_drivers(config: Any) -> dict[str, Any]:
+    """A volume driver of Docker's shape; its disks are the microvm kind."""
+    from vicd.plugins.microvm.volumes import LocalVolumeDriver
+
+    class TestDiskDriver(LocalVolumeDriver):
+        name = "testdisk"
+
+        def __init__(self, config: Any) -> None:
+            super().__init__(config)
+            self.root = config.data_root / "testdisk"
+
+        def create(self, name: str, opts: dict[str, str]) -> None:
+            _record("volume_create", name=name)
+            super().create(name, opts)
+
+    return {"testdisk": TestDiskDriver}

@@ -6,7 +6,7 @@ in the backend plugins.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -63,6 +63,9 @@ class VMSpec:
     # /etc/hosts and /etc/resolv.conf as the guest must see them.
     hosts: str = ""
     resolv: str = ""
+    # Mount the disks but start no process: a stopped container's files
+    # for the archive ops (docker cp, export, diff, commit).
+    hold: bool = False
 
 
 @dataclass
@@ -101,6 +104,24 @@ class VM(Protocol):
     async def stats(self) -> GuestStats: ...
     async def pause(self) -> None: ...
     async def resume(self) -> None: ...
+
+    # Files of the container (docker cp, export). Paths are resolved inside
+    # the container's root, symlinks rooted there. GuestPathError if the
+    # path is missing, not a directory (put) or read-only.
+    async def stat_path(self, path: str) -> dict[str, Any]:
+        """docker's ContainerPathStat: name, size, mode (Go FileMode), mtime, linkTarget."""
+        ...
+
+    async def get_archive(self, path: str, rebase: str | None = None,
+                          excludes: list[str] | None = None
+                          ) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
+        """The stat and a tar stream of the path (docker's containerArchivePath)."""
+        ...
+
+    async def put_archive(self, path: str, data: AsyncIterator[bytes],
+                          no_overwrite_dir_non_dir: bool = False) -> None:
+        """Extract a tar stream into the directory at path."""
+        ...
     async def kill(self) -> None:
         """End the VM at once (the process exit code becomes 137)."""
         ...
@@ -165,3 +186,12 @@ class StartError(VicdError):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class GuestPathError(VicdError):
+    """A path in the container could not be used: ``kind`` is ``not_found``,
+    ``not_dir`` (extraction point), ``read_only`` or ``other``."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind

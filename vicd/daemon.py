@@ -14,6 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
+from vicd.api import archive as archive_routes
 from vicd.api import containers, system
 from vicd.api import exec as exec_routes
 from vicd.api import images as image_routes
@@ -79,7 +80,8 @@ class Daemon:
             app[ENGINE] = self.engine
             app[IMAGES] = self.images
             app[EVENTS] = self.events
-            for module in (system, containers, exec_routes, image_routes, volume_routes):
+            for module in (system, containers, exec_routes, image_routes, volume_routes,
+                           archive_routes):
                 module.setup(app)
 
         return make_app(setup)

@@ -19,9 +19,11 @@ import platform
 import shutil
 import subprocess
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from vicd.plugins.microvm import archive
 from vicd.plugins.microvm.qemu import (
     QemuProcess,
     VMFiles,
@@ -141,6 +143,23 @@ class MicroVM:
 
     async def resume(self) -> None:
         await (await self.qmp()).execute("cont")
+
+    # Archive ops (docker cp, export): plugins/microvm/archive.py.
+    async def stat_path(self, path: str) -> dict[str, Any]:
+        return await archive.stat_path(self, path)
+
+    async def get_archive(self, path: str, rebase: str | None = None,
+                          excludes: list[str] | None = None
+                          ) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
+        return await archive.get_archive(self, path, rebase, excludes)
+
+    async def put_archive(self, path: str, data: AsyncIterator[bytes],
+                          no_overwrite_dir_non_dir: bool = False) -> None:
+        await archive.put_archive(self, path, data, no_overwrite_dir_non_dir)
+
+    async def power_off(self) -> None:
+        """End a VM started with ``hold`` (no main process)."""
+        await archive.power_off(self)
 
     async def kill(self) -> None:
         self._killed = True
@@ -354,6 +373,7 @@ class MicroVMBackend:
                 "network": _guest_network(spec),
                 "mounts": _guest_mounts(spec),
                 **_process_fields(spec.process),
+                "hold": spec.hold,
             }
             try:
                 reply = await conn.request("run", config=config, timeout=30)

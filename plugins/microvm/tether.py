@@ -38,6 +38,8 @@ class Channel:
     exit: asyncio.Future[int] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
+    # The exit event's "error" (archive channels report why a stream failed).
+    error: str = ""
 
 
 class TetherConnection:
@@ -70,6 +72,21 @@ class TetherConnection:
             return
         for i in range(0, max(len(payload), 1), MAX_PAYLOAD):
             self.writer.write(encode(typ, chan, payload[i : i + MAX_PAYLOAD]))
+
+    async def send_stream(self, typ: int, chan: int, payload: bytes) -> None:
+        """Like send, but waits while the guest is not reading (flow control)."""
+        self.send(typ, chan, payload)
+        await self.writer.drain()
+
+    def pause_reading(self, pause: bool) -> None:
+        """Stop (or resume) reading from the guest: a slow consumer of a
+        stream holds the guest's writes back instead of filling our memory."""
+        transport = self.writer.transport
+        with contextlib.suppress(Exception):
+            if pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
 
     def send_ctrl(self, msg: dict[str, Any]) -> None:
         self.send(CTRL, 0, json.dumps(msg).encode())
@@ -157,6 +174,7 @@ class TetherConnection:
         elif op == "exit":
             ch = self.channels.get(int(msg.get("chan", 0)))
             if ch and not ch.exit.done():
+                ch.error = str(msg.get("error") or "")
                 ch.exit.set_result(int(msg.get("code", 0)))
         elif op == "log":
             log.info("guest: %s", msg.get("msg"))

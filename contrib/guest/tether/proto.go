@@ -169,6 +169,11 @@ type request struct {
 	Rows    uint16     `json:"rows"`
 	Cols    uint16     `json:"cols"`
 	Signal  int        `json:"signal"`
+	// Archive ops (archive.go).
+	Path                 string   `json:"path"`
+	Rebase               *string  `json:"rebase"`
+	Excludes             []string `json:"excludes"`
+	NoOverwriteDirNonDir bool     `json:"no_overwrite_dir_non_dir"`
 }
 
 type runConfig struct {
@@ -189,6 +194,8 @@ type runConfig struct {
 	Network *netConfig `json:"network"`
 	// Mounts: volume disks to mount in the container (optional).
 	Mounts []volumeMount `json:"mounts"`
+	// Hold: mount the disks but start no process (archive ops only).
+	Hold bool `json:"hold"`
 }
 
 // reqError carries the exit code a failed start reports.

@@ -15,6 +15,9 @@ const (
 	stateWaiting = "waiting"
 	stateRunning = "running"
 	stateExited  = "exited"
+	// stateHeld: run with hold: the disks are mounted for archive ops, no
+	// process runs (a stopped container's files, docs/tether.md).
+	stateHeld = "held"
 )
 
 type tether struct {
@@ -26,6 +29,7 @@ type tether struct {
 	exitCode *int
 	procs    map[uint32]*proc // by channel
 	byPid    map[int]*proc
+	archives map[uint32]*archiveStream // archive_put streams by channel
 	cfg      *runConfig
 	// How long mounting the container's disk took, reported in the run reply.
 	mountTime time.Duration
@@ -38,6 +42,8 @@ func newTether(port *os.File) *tether {
 		state: stateWaiting,
 		procs: map[uint32]*proc{},
 		byPid: map[int]*proc{},
+
+		archives: map[uint32]*archiveStream{},
 	}
 }
 
@@ -58,6 +64,9 @@ func (t *tether) serve() {
 		case frameCtrl:
 			t.handleCtrl(f.payload)
 		case frameStdin, frameStdinClose:
+			if t.archiveFrame(f) {
+				continue
+			}
 			t.mu.Lock()
 			p := t.procs[f.ch]
 			t.mu.Unlock()
@@ -99,8 +108,9 @@ func (t *tether) handleCtrl(payload []byte) {
 		return
 	}
 	var (
-		res map[string]any
-		err error
+		res  map[string]any
+		err  error
+		post func() // runs after the reply went out (archive streams)
 	)
 	// Handlers must not panic the init process: a panic here would kill
 	// the VM (PID 1 exiting panics the kernel).
@@ -125,11 +135,20 @@ func (t *tether) handleCtrl(payload []byte) {
 			res, err = psList()
 		case "stats":
 			res, err = stats()
+		case "stat":
+			res, err = t.statPath(&req)
+		case "archive_get":
+			res, post, err = t.archiveGet(&req)
+		case "archive_put":
+			res, post, err = t.archivePut(&req)
 		default:
 			err = fmt.Errorf("unknown op %q", req.Op)
 		}
 	}()
 	t.reply(*req.Req, err, res)
+	if post != nil && err == nil {
+		go post()
+	}
 }
 
 func (t *tether) reply(req int64, err error, res map[string]any) {
@@ -176,6 +195,9 @@ func (t *tether) run(req *request) (map[string]any, error) {
 	t.cfg = cfg
 	t.mu.Unlock()
 
+	if cfg.Hold {
+		return t.hold(cfg)
+	}
 	t0 := time.Now()
 	pid, err := t.startMain(cfg)
 	if err != nil {
@@ -195,6 +217,25 @@ func (t *tether) run(req *request) (map[string]any, error) {
 	}
 	return map[string]any{"pid": pid, "mount_us": t.mountTime.Microseconds(),
 		"run_us": time.Since(t0).Microseconds()}, nil
+}
+
+// hold mounts the container's disks without starting its process: the
+// archive ops then serve a stopped container's files.
+func (t *tether) hold(cfg *runConfig) (map[string]any, error) {
+	setClockAndSeed(cfg)
+	t0 := time.Now()
+	err := mountRoot(cfg)
+	if err == nil {
+		err = mountVolumes(cfg.Mounts)
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if err != nil {
+		t.cfg = nil
+		return nil, &reqError{msg: err.Error(), code: 1}
+	}
+	t.state = stateHeld
+	return map[string]any{"pid": 0, "mount_us": time.Since(t0).Microseconds()}, nil
 }
 
 func (t *tether) startMain(cfg *runConfig) (int, error) {

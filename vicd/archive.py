@@ -1,0 +1,154 @@
+"""A container's files: docker cp (stat, get, put) and export.
+
+A running container's VM serves them (tether archive ops). A stopped one is
+started for the request with ``hold``: the guest mounts its disks (root and
+volumes) and runs no process; the VM is powered off afterwards. The
+container's runtime lock is held meanwhile, so a ``docker start`` waits.
+See docs/tether.md "Archives" for why a VM rather than reading the qcow2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from vicd import container as cs
+from vicd.backend import VM, GuestPathError
+from vicd.container import Container
+from vicd.errors import Conflict, InvalidParameter, NotFound, VicdError
+
+if TYPE_CHECKING:
+    from vicd.engine import Engine
+
+log = logging.getLogger(__name__)
+
+
+class Forbidden(VicdError):
+    status = 403
+
+
+def _map_error(e: GuestPathError, path: str, ref: str) -> VicdError:
+    if e.kind == "not_found":
+        return NotFound(f"Could not find the file {path} in container {ref}")
+    if e.kind == "not_dir":
+        return InvalidParameter("extraction point is not a directory")
+    if e.kind == "read_only":
+        return Forbidden("mounted volume is marked read-only")
+    return VicdError(e.message)
+
+
+@contextlib.asynccontextmanager
+async def container_vm(engine: Engine, c: Container) -> AsyncIterator[VM]:
+    """The VM that serves the container's files: its own, or a held one."""
+    rt = engine.rt(c)
+    if c.state.status == cs.PAUSED:
+        # A paused VM's vCPUs are stopped: its tether cannot answer.
+        raise Conflict(f"Container {c.id} is paused, unpause the container first")
+    if c.state.running and rt.vm is not None:
+        yield rt.vm
+        return
+    if c.state.status == cs.REMOVING:
+        raise Conflict(f"removal of container {c.id} is already in progress")
+    async with rt.lock:
+        if c.state.running and rt.vm is not None:  # started meanwhile
+            yield rt.vm
+            return
+        vm = await _start_held(engine, c)
+        try:
+            yield vm
+        finally:
+            await vm.power_off()  # type: ignore[attr-defined]
+            _release_volumes(engine, c)
+
+
+def _release_volumes(engine: Engine, c: Container) -> None:
+    for m in c.mounts:
+        if m.get("Type", "volume") != "volume":
+            continue
+        with contextlib.suppress(VicdError):
+            v = engine.volumes.get(m["Name"])
+            engine.volumes.driver(v.driver).unmount(v.name, c.id)
+
+
+async def _start_held(engine: Engine, c: Container) -> VM:
+    spec = await engine._vm_spec(c)
+    spec.hold = True
+    spec.ephemeral = False
+    spec.disks = engine._attach_volumes(c)
+    vm = await engine.backend.start(spec, lambda _s, _d: None)
+    # A new volume was copied up by the held guest: a later start must not again.
+    for m in c.mounts:
+        if m.get("Type", "volume") != "volume" or not m["RW"]:
+            continue
+        with contextlib.suppress(VicdError):
+            v = engine.volumes.get(m["Name"])
+            if not v.initialized:
+                v.initialized = True
+                engine.volumes.save(v)
+    return vm
+
+
+def check_path(path: str | None) -> str:
+    if not path:
+        raise InvalidParameter("Path cannot be empty")
+    return path
+
+
+async def stat(engine: Engine, ref: str, path: str) -> dict[str, Any]:
+    c = engine.get(ref)
+    async with container_vm(engine, c) as vm:
+        try:
+            return await vm.stat_path(path)
+        except GuestPathError as e:
+            raise _map_error(e, path, ref) from None
+
+
+@contextlib.asynccontextmanager
+async def get(engine: Engine, ref: str, path: str
+              ) -> AsyncIterator[tuple[dict[str, Any], AsyncIterator[bytes]]]:
+    """The stat and the tar stream; the VM stays up while the caller reads."""
+    c = engine.get(ref)
+    async with container_vm(engine, c) as vm:
+        try:
+            st, data = await vm.get_archive(path)
+        except GuestPathError as e:
+            raise _map_error(e, path, ref) from None
+        try:
+            yield st, data
+        finally:
+            with contextlib.suppress(Exception):
+                await data.aclose()  # type: ignore[attr-defined]
+
+
+async def put(engine: Engine, ref: str, path: str, data: AsyncIterator[bytes],
+              no_overwrite_dir_non_dir: bool) -> None:
+    c = engine.get(ref)
+    if c.host_config.get("ReadonlyRootfs"):
+        # dockerd refuses unless the target is in a writable volume.
+        in_volume = any(path == m["Destination"] or path.startswith(m["Destination"].rstrip("/")
+                        + "/") for m in c.mounts if m["RW"])
+        if not in_volume:
+            raise Forbidden("container rootfs is marked read-only")
+    async with container_vm(engine, c) as vm:
+        try:
+            await vm.put_archive(path, data, no_overwrite_dir_non_dir)
+        except GuestPathError as e:
+            raise _map_error(e, path, ref) from None
+    engine.events.publish("container", "extract-to-dir", c.id, **engine._attrs(c))
+
+
+@contextlib.asynccontextmanager
+async def export(engine: Engine, ref: str) -> AsyncIterator[AsyncIterator[bytes]]:
+    """The container's whole filesystem, volumes' contents left out (as dockerd)."""
+    c = engine.get(ref)
+    excludes = [m["Destination"] for m in c.mounts]
+    async with container_vm(engine, c) as vm:
+        _, data = await vm.get_archive("/", rebase="", excludes=excludes)
+        try:
+            yield data
+        finally:
+            with contextlib.suppress(Exception):
+                await data.aclose()  # type: ignore[attr-defined]
+    engine.events.publish("container", "export", c.id, **engine._attrs(c))

@@ -20,147 +20,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 import urllib.parse
-from collections.abc import Callable
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-from refdockerd import DOCKER_CLI, RefDockerd, dockerd_available  # noqa: E402
-
-GUEST_DIR = Path(os.environ.get("VICD_GUEST_DIR", REPO / ".cache" / "guest"))
-NET = ("--network", "none")
-
-
-def _http(sock: Path, method: str, path: str, body: dict | None = None) -> tuple[int, bytes]:
-    """A minimal HTTP/1.1 request over a unix socket (for populating containers quickly)."""
-    data = json.dumps(body).encode() if body is not None else b""
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(60)
-    s.connect(str(sock))
-    head = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n")
-    s.sendall(head.encode() + data)
-    chunks = []
-    while chunk := s.recv(65536):
-        chunks.append(chunk)
-    s.close()
-    raw = b"".join(chunks)
-    status = int(raw.split(b" ", 2)[1])
-    return status, raw.partition(b"\r\n\r\n")[2]
-
-
-def _ping(sock: Path) -> bool:
-    try:
-        return _http(sock, "GET", "/_ping")[0] == 200
-    except OSError:
-        return False
-
-
-class Daemon:
-    """What the benchmark needs of either daemon."""
-
-    name: str
-    sock: Path
-
-    @property
-    def host(self) -> str:
-        return f"unix://{self.sock}"
-
-    def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        env = {**os.environ, "DOCKER_HOST": self.host}
-        env.pop("DOCKER_API_VERSION", None)
-        env.pop("DOCKER_CONTEXT", None)
-        r = subprocess.run([DOCKER_CLI, *args], capture_output=True, env=env, timeout=300)
-        if check and r.returncode != 0:
-            raise RuntimeError(f"[{self.name}] docker {' '.join(args)} -> {r.returncode}: "
-                               f"{r.stderr.decode(errors='replace')}")
-        return r
-
-    def timed(self, *args: str) -> float:
-        t0 = time.perf_counter()
-        self.docker(*args)
-        return time.perf_counter() - t0
-
-
-class VicdDaemon(Daemon):
-    name = "vicd"
-
-    def __init__(self, base: Path, extra: list[str]) -> None:
-        self.base = base
-        self.extra = extra
-        self.sock = base / "d.sock"
-        self.data_root = base / "data"
-        self.log = base / "vicd.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        cmd = [sys.executable, "-m", "vicd.cli", "serve", "--host", self.host,
-               "--data-root", str(self.data_root), "--guest-dir", str(GUEST_DIR), *self.extra]
-        logf = open(self.log, "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True,
-                                     cwd=REPO)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vicd exited: {self.log.read_text()[-3000:]}")
-            if _ping(self.sock):
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"vicd did not answer: {self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        # vicd's VMs outlive the daemon by design: kill every QEMU it started.
-        for pidfile in self.data_root.glob("microvm/vms/*/qemu.pid"):
-            try:
-                os.kill(int(pidfile.read_text().strip()), signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
-        shutil.rmtree(self.base, ignore_errors=True)
-
-
-class DockerdDaemon(Daemon):
-    name = "dockerd"
-
-    def __init__(self) -> None:
-        self.ref = RefDockerd()
-        self.sock = self.ref.sock
-
-    def start(self) -> None:
-        self.ref.start()
-
-    def stop(self) -> None:
-        self.ref.stop()
-
-
-# --- measurements ------------------------------------------------------------------------------
-
-
-def interleave(daemons: list[Daemon], rounds: int, fn: Callable[[Daemon, int], float]
-               ) -> dict[str, list[float]]:
-    """fn(daemon, i) for i in range(rounds), daemons taking turns, order alternating."""
-    out: dict[str, list[float]] = {d.name: [] for d in daemons}
-    for i in range(rounds):
-        order = daemons if i % 2 == 0 else daemons[::-1]
-        for d in order:
-            out[d.name].append(fn(d, i))
-    return out
+from common import (
+    DOCKER_CLI,
+    NET,
+    Daemon,
+    DockerdDaemon,
+    Row,
+    VicdDaemon,
+    build_guest,
+    busybox_rootfs,
+    dockerd_available,
+    fmt_s,
+    http_unix,
+    interleave,
+    print_table,
+    running,
+    workdir,
+)
 
 
 def populate(d: Daemon, total: int) -> None:
@@ -169,13 +50,9 @@ def populate(d: Daemon, total: int) -> None:
     for i in range(have, total):
         body = {"Image": "busybox", "Cmd": ["true"], "HostConfig": {"NetworkMode": "none"}}
         q = urllib.parse.urlencode({"name": f"bench-fill-{i}"})
-        status, resp = _http(d.sock, "POST", f"/containers/create?{q}", body)
+        status, resp = http_unix(d.sock, "POST", f"/containers/create?{q}", body)
         if status != 201:
             raise RuntimeError(f"[{d.name}] create -> {status}: {resp[:300]!r}")
-
-
-def fmt_s(x: float) -> str:
-    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
 
 
 def main() -> int:
@@ -202,71 +79,46 @@ def main() -> int:
         print("reference dockerd or /usr/local/bin/docker missing (or not root)", file=sys.stderr)
         return 2
 
-    def on_signal(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+    build_guest()
+    with workdir("vb") as work:
+        vicd = VicdDaemon(work / "v", a.vicd_arg)
+        daemons: list[Daemon] = [vicd, DockerdDaemon()]
+        rootfs = busybox_rootfs(work / "busybox.tar")
+        with running(daemons):
+            first: dict[str, float] = {}
+            for d in daemons:
+                d.docker("import", str(rootfs), "busybox:latest")
+                # The first run on a fresh daemon is reported apart: vicd builds its per-shape
+                # VM template snapshot then, dockerd sets up the image's overlay snapshot.
+                first[d.name] = d.timed("run", "--rm", *NET, "busybox", "true")
 
-    signal.signal(signal.SIGTERM, on_signal)
+            print(f"run --rm: {a.runs} rounds ...", file=sys.stderr)
+            run = interleave(daemons, a.runs,
+                             lambda d, i: d.timed("run", "--rm", *NET, "busybox", "true"))
 
-    subprocess.run(["bash", str(REPO / "contrib/guest/build.sh"), str(GUEST_DIR)], check=True)
-    work = Path(tempfile.mkdtemp(prefix="vb", dir="/tmp"))  # short: AF_UNIX path limit
-    vicd = VicdDaemon(work / "v", a.vicd_arg)
-    vicd.base.mkdir()
-    dockerd = DockerdDaemon()
-    daemons: list[Daemon] = [vicd, dockerd]
-    try:
-        rootfs = work / "busybox.tar"
-        subprocess.run(["bash", str(REPO / "contrib/guest/mkrootfs-busybox.sh"), str(rootfs)],
-                       check=True, capture_output=True)
-        first: dict[str, float] = {}
-        for d in daemons:
-            d.start()
-            d.docker("import", str(rootfs), "busybox:latest")
-            # The first run on a fresh daemon is reported apart: vicd builds its per-shape VM
-            # template snapshot then, dockerd sets up the image's overlay snapshot.
-            first[d.name] = d.timed("run", "--rm", *NET, "busybox", "true")
+            print(f"create: {a.creates} each ...", file=sys.stderr)
+            create = interleave(daemons, a.creates, lambda d, i: d.timed(
+                "create", *NET, "--name", f"bench-c-{i}", "busybox", "true"))
 
-        print(f"run --rm: {a.runs} rounds ...", file=sys.stderr)
-        run = interleave(daemons, a.runs,
-                         lambda d, i: d.timed("run", "--rm", *NET, "busybox", "true"))
+            print(f"populate to {a.count} containers ...", file=sys.stderr)
+            for d in daemons:
+                populate(d, a.count)
+                n = len(d.docker("ps", "-aq").stdout.split())
+                assert n == a.count, (d.name, n)
+            ps = interleave(daemons, a.ps_runs, lambda d, i: d.timed("ps", "-a"))
 
-        print(f"create: {a.creates} each ...", file=sys.stderr)
-        create = interleave(daemons, a.creates, lambda d, i: d.timed(
-            "create", *NET, "--name", f"bench-c-{i}", "busybox", "true"))
-
-        print(f"populate to {a.count} containers ...", file=sys.stderr)
-        for d in daemons:
-            populate(d, a.count)
-            n = len(d.docker("ps", "-aq").stdout.split())
-            assert n == a.count, (d.name, n)
-        ps = interleave(daemons, a.ps_runs, lambda d, i: d.timed("ps", "-a"))
-    finally:
-        for d in daemons:
-            try:
-                d.stop()
-            except Exception as e:  # noqa: BLE001
-                print(f"stopping {d.name}: {e}", file=sys.stderr)
-        shutil.rmtree(work, ignore_errors=True)
-
-    rows: list[tuple[str, float, float, Callable[[float], str]]] = [
-        ("run --rm busybox true, first on a fresh daemon", first["vicd"], first["dockerd"],
-         fmt_s)]
+    rows: list[Row] = [("run --rm busybox true, first on a fresh daemon", first, fmt_s)]
     for stat, f in (("median", statistics.median), ("min", min), ("max", max)):
-        rows.append((f"run --rm busybox true, {stat}", f(run["vicd"]), f(run["dockerd"]),
+        rows.append((f"run --rm busybox true, {stat}", {k: f(v) for k, v in run.items()},
                      fmt_s))
     rate = {k: len(v) / sum(v) for k, v in create.items()}
-    rows.append((f"create rate ({a.creates} creates)", rate["vicd"], rate["dockerd"],
-                 lambda x: f"{x:.1f} /s"))
-    rows.append(("create latency, median", statistics.median(create["vicd"]),
-                 statistics.median(create["dockerd"]), fmt_s))
+    rows.append((f"create rate ({a.creates} creates)", rate, lambda x: f"{x:.1f} /s"))
+    rows.append(("create latency, median", {k: statistics.median(v) for k, v in create.items()},
+                 fmt_s))
     for stat, f in (("median", statistics.median), ("min", min), ("max", max)):
-        rows.append((f"ps -a with {a.count} containers, {stat}", f(ps["vicd"]),
-                     f(ps["dockerd"]), fmt_s))
-
-    w = max(len(r[0]) for r in rows)
-    print(f"{'measure':<{w}}  {'vicd':>10}  {'dockerd':>10}  {'vicd/dockerd':>12}")
-    print("-" * (w + 40))
-    for label, v, d, show in rows:
-        print(f"{label:<{w}}  {show(v):>10}  {show(d):>10}  {v / d:>11.2f}x")
+        rows.append((f"ps -a with {a.count} containers, {stat}",
+                     {k: f(v) for k, v in ps.items()}, fmt_s))
+    print_table(rows, ["vicd", "dockerd"], [("vicd/dockerd", "vicd", "dockerd")])
     print(f"\n(stock docker CLI {DOCKER_CLI}; times include the CLI's own start-up; "
           f"n={a.runs}, m={a.creates}, ps rounds={a.ps_runs})")
     if a.json:

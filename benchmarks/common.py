@@ -1,0 +1,278 @@
+"""What the benchmarks share: the daemons (vicd, the reference dockerd), interleaved rounds,
+the result table, set-up (guest build, busybox rootfs) and clean-up, per-process memory.
+
+Used by ``bench.py``, ``bench_faststart.py`` and ``bench_pull.py`` (run as scripts: this
+directory is on ``sys.path`` then).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+from refdockerd import DOCKER_CLI, RefDockerd, dockerd_available  # noqa: E402
+
+__all__ = ["DOCKER_CLI", "GUEST_DIR", "NET", "REPO", "Daemon", "DockerdDaemon", "VicdDaemon",
+           "busybox_rootfs", "build_guest", "dockerd_available", "fmt_mb", "fmt_s", "http_unix",
+           "interleave", "print_table", "Row", "running", "smaps_rollup", "workdir"]
+
+GUEST_DIR = Path(os.environ.get("VICD_GUEST_DIR", REPO / ".cache" / "guest"))
+NET = ("--network", "none")
+
+
+def http_unix(sock: Path, method: str, path: str, body: dict | None = None
+              ) -> tuple[int, bytes]:
+    """A minimal HTTP/1.1 request over a unix socket (for populating containers quickly)."""
+    data = json.dumps(body).encode() if body is not None else b""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(60)
+    s.connect(str(sock))
+    head = (f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n")
+    s.sendall(head.encode() + data)
+    chunks = []
+    while chunk := s.recv(65536):
+        chunks.append(chunk)
+    s.close()
+    raw = b"".join(chunks)
+    status = int(raw.split(b" ", 2)[1])
+    return status, raw.partition(b"\r\n\r\n")[2]
+
+
+def _ping(sock: Path) -> bool:
+    try:
+        return http_unix(sock, "GET", "/_ping")[0] == 200
+    except OSError:
+        return False
+
+
+# --- the daemons -------------------------------------------------------------------------------
+
+
+class Daemon:
+    """What the benchmarks need of either daemon."""
+
+    name: str
+    sock: Path
+    # What `run`/`create` need on this daemon (the reference dockerd has no bridge).
+    net: tuple[str, ...] = ()
+
+    @property
+    def host(self) -> str:
+        return f"unix://{self.sock}"
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def docker(self, *args: str, check: bool = True, timeout: float = 300
+               ) -> subprocess.CompletedProcess[bytes]:
+        """The stock docker CLI against this daemon."""
+        env = {**os.environ, "DOCKER_HOST": self.host}
+        env.pop("DOCKER_API_VERSION", None)
+        env.pop("DOCKER_CONTEXT", None)
+        r = subprocess.run([DOCKER_CLI, *args], capture_output=True, env=env, timeout=timeout)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"[{self.name}] docker {' '.join(args)} -> {r.returncode}: "
+                               f"{r.stderr.decode(errors='replace')}")
+        return r
+
+    def timed(self, *args: str) -> float:
+        t0 = time.perf_counter()
+        self.docker(*args)
+        return time.perf_counter() - t0
+
+
+class VicdDaemon(Daemon):
+    """A vicd of our own in ``base`` (removed at stop, with every QEMU it started)."""
+
+    def __init__(self, base: Path, extra: Sequence[str] = (), name: str = "vicd",
+                 net: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.base = base
+        self.extra = list(extra)
+        self.net = net
+        self.sock = base / "d.sock"
+        self.data_root = base / "data"
+        self.log = base / "vicd.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.base.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "vicd.cli", "serve", "--host", self.host,
+               "--data-root", str(self.data_root), "--guest-dir", str(GUEST_DIR), *self.extra]
+        logf = open(self.log, "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True,
+                                     cwd=REPO)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-3000:]}")
+            if _ping(self.sock):
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not answer: {self.log.read_text()[-3000:]}")
+
+    def qemu_pids(self) -> dict[str, int]:
+        """VM directory name (a container id prefix) -> QEMU pid, from the pid files."""
+        out = {}
+        for pidfile in self.data_root.glob("microvm/vms/*/qemu.pid"):
+            with contextlib.suppress(OSError, ValueError):
+                out[pidfile.parent.name] = int(pidfile.read_text().strip())
+        return out
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        # vicd's VMs outlive the daemon by design: kill every QEMU it started.
+        for pid in self.qemu_pids().values():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+class DockerdDaemon(Daemon):
+    """The reference dockerd 20.10 (``tests/refdockerd.py``): no bridge, ``--network none``."""
+
+    name = "dockerd"
+    net = NET
+
+    def __init__(self) -> None:
+        self.ref = RefDockerd()
+        self.sock = self.ref.sock
+
+    def start(self) -> None:
+        self.ref.start()
+
+    def stop(self) -> None:
+        self.ref.stop()
+
+
+# --- set-up and clean-up -----------------------------------------------------------------------
+
+
+def build_guest() -> None:
+    """The guest kernel + tether (a no-op when up to date)."""
+    subprocess.run(["bash", str(REPO / "contrib/guest/build.sh"), str(GUEST_DIR)], check=True)
+
+
+def busybox_rootfs(dest: Path) -> Path:
+    subprocess.run(["bash", str(REPO / "contrib/guest/mkrootfs-busybox.sh"), str(dest)],
+                   check=True, capture_output=True)
+    return dest
+
+
+@contextlib.contextmanager
+def workdir(prefix: str) -> Iterator[Path]:
+    """A short temp dir (AF_UNIX path limit) removed at the end."""
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running(daemons: Sequence[Daemon]) -> Iterator[None]:
+    """Start the daemons; stop every one at the end, also on an error, Ctrl-C or SIGTERM."""
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, on_signal)
+    try:
+        for d in daemons:
+            d.start()
+        yield
+    finally:
+        for d in daemons:
+            try:
+                d.stop()
+            except Exception as e:  # noqa: BLE001
+                print(f"stopping {d.name}: {e}", file=sys.stderr)
+        signal.signal(signal.SIGTERM, old)
+
+
+# --- measuring and reporting -------------------------------------------------------------------
+
+
+T = TypeVar("T")
+
+
+def interleave(daemons: Sequence[Daemon], rounds: int, fn: Callable[[Daemon, int], T]
+               ) -> dict[str, list[T]]:
+    """fn(daemon, i) for i in range(rounds), daemons taking turns, order reversed every round."""
+    out: dict[str, list[T]] = {d.name: [] for d in daemons}
+    for i in range(rounds):
+        order = list(daemons) if i % 2 == 0 else list(daemons)[::-1]
+        for d in order:
+            out[d.name].append(fn(d, i))
+    return out
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """/proc/PID/smaps_rollup as {field: kB} (Rss, Pss, ...); {} if the process is gone."""
+    out: dict[str, int] = {}
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return out
+    for line in text.splitlines()[1:]:
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[-1] == "kB":
+            out[key.strip()] = int(parts[0])
+    return out
+
+
+def fmt_s(x: float) -> str:
+    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def fmt_mb(x: float) -> str:
+    """x in bytes."""
+    return f"{x / 2**20:.1f} MiB"
+
+
+Row = tuple[str, dict[str, float], Callable[[float], str]]
+
+
+def print_table(rows: Sequence[Row], names: Sequence[str],
+                ratios: Sequence[tuple[str, str, str]]) -> None:
+    """One line per row: a column per daemon, then each ratio (header, numerator, denominator).
+
+    A value missing from a row shows as '-', and so do the ratios that need it.
+    """
+    w = max(len(r[0]) for r in rows)
+    cw = max(10, *(len(n) for n in names))
+    rw = max(12, *(len(h) for h, _, _ in ratios))
+    print(f"{'measure':<{w}}" + "".join(f"  {n:>{cw}}" for n in names)
+          + "".join(f"  {h:>{rw}}" for h, _, _ in ratios))
+    print("-" * (w + (cw + 2) * len(names) + (rw + 2) * len(ratios)))
+    for label, values, show in rows:
+        line = f"{label:<{w}}"
+        line += "".join(f"  {show(values[n]) if n in values else '-':>{cw}}" for n in names)
+        for _, a, b in ratios:
+            ok = a in values and b in values and values[b] != 0
+            line += f"  {f'{values[a] / values[b]:.2f}x' if ok else '-':>{rw}}"
+        print(line)

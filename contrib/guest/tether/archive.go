@@ -221,9 +221,12 @@ func writeTar(out io.Writer, srcDir, srcBase, rebase string, excludes []string) 
 			return nil
 		}
 		rel, _ := filepath.Rel(start, p)
+		// Like docker's TarWithOptions with IncludeSourceDir: children of
+		// a directory archived as "." are "./name", so the client's
+		// rebase of "." reaches them.
 		name := rebase
 		if rel != "." {
-			name = path.Join(rebase, filepath.ToSlash(rel))
+			name = strings.TrimSuffix(rebase, "/") + "/" + filepath.ToSlash(rel)
 		}
 		name = strings.TrimPrefix(name, "/")
 		if name == "" {

@@ -9,10 +9,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
-from vicd.api.app import add_route, q_bool
+from vicd.api.app import add_route, json_body, json_response, q_bool
 from vicd.api.keys import ENGINE
 
-from vicd import archive
+from vicd import archive, changes
+from vicd.errors import InvalidParameter
 
 STAT_HEADER = "X-Docker-Container-Path-Stat"
 
@@ -67,9 +68,29 @@ async def export(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def container_changes(request: web.Request) -> web.Response:
+    out = await changes.diff(request.app[ENGINE], request.match_info["id"])
+    return json_response(out or None)
+
+
+async def commit(request: web.Request) -> web.Response:
+    q = request.query
+    container = q.get("container", "")
+    if not container:
+        raise InvalidParameter("No container specified")
+    body = await json_body(request)
+    image_id = await changes.commit(
+        request.app[ENGINE], container, q.get("repo", ""), q.get("tag", ""),
+        q.get("comment", ""), q.get("author", ""), q_bool(request, "pause", True),
+        q.getall("changes", []), body or None)
+    return json_response({"Id": image_id}, 201)
+
+
 def setup(app: web.Application) -> None:
     r = "/containers/{id}"
     add_route(app, "HEAD", f"{r}/archive", head_archive)
     add_route(app, "GET", f"{r}/archive", get_archive)
     add_route(app, "PUT", f"{r}/archive", put_archive)
     add_route(app, "GET", f"{r}/export", export)
+    add_route(app, "GET", f"{r}/changes", container_changes)
+    add_route(app, "POST", "/commit", commit)

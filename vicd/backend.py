@@ -113,9 +113,16 @@ class VM(Protocol):
         ...
 
     async def get_archive(self, path: str, rebase: str | None = None,
-                          excludes: list[str] | None = None
+                          excludes: list[str] | None = None, listing: bool = False,
+                          only: list[str] | None = None,
                           ) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
-        """The stat and a tar stream of the path (docker's containerArchivePath)."""
+        """The stat and a tar stream of the path (docker's containerArchivePath).
+        ``listing``: JSON lines {p, m, s, t, u, g, l} instead of a tar (diff);
+        ``only``: just these container paths, directories not recursively (commit)."""
+        ...
+
+    async def freeze(self, frozen: bool) -> None:
+        """Stop or continue the container's processes (commit --pause)."""
         ...
 
     async def put_archive(self, path: str, data: AsyncIterator[bytes],

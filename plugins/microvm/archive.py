@@ -42,7 +42,8 @@ async def stat_path(vm: MicroVM, path: str) -> dict[str, Any]:
 
 
 async def get_archive(vm: MicroVM, path: str, rebase: str | None = None,
-                      excludes: list[str] | None = None
+                      excludes: list[str] | None = None, listing: bool = False,
+                      only: list[str] | None = None,
                       ) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
     chan = vm.next_chan
     vm.next_chan += 1
@@ -64,6 +65,10 @@ async def get_archive(vm: MicroVM, path: str, rebase: str | None = None,
         fields["rebase"] = rebase
     if excludes:
         fields["excludes"] = excludes
+    if listing:
+        fields["listing"] = True
+    if only is not None:
+        fields["only"] = only
     try:
         reply = await vm.conn.request("archive_get", timeout=60, **fields)
     except TetherError as e:

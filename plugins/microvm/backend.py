@@ -21,8 +21,10 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
+from vicd.plugins.microvm import archive
 from vicd.plugins.microvm import archive
 from vicd.plugins.microvm.qemu import (
     QemuProcess,
@@ -149,9 +151,14 @@ class MicroVM:
         return await archive.stat_path(self, path)
 
     async def get_archive(self, path: str, rebase: str | None = None,
-                          excludes: list[str] | None = None
+                          excludes: list[str] | None = None, listing: bool = False,
+                          only: list[str] | None = None,
                           ) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
-        return await archive.get_archive(self, path, rebase, excludes)
+        return await archive.get_archive(self, path, rebase, excludes, listing, only)
+
+    async def freeze(self, frozen: bool) -> None:
+        """Stop (SIGSTOP) or continue every container process (commit --pause)."""
+        await self.conn.request("freeze", frozen=frozen, timeout=10)
 
     async def put_archive(self, path: str, data: AsyncIterator[bytes],
                           no_overwrite_dir_non_dir: bool = False) -> None:

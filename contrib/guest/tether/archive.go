@@ -9,6 +9,7 @@ package main
 
 import (
 	"archive/tar"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -151,7 +152,12 @@ func (t *tether) archiveGet(req *request) (map[string]any, func(), error) {
 	ch := req.Chan
 	run := func() {
 		w := &chanWriter{t: t, ch: ch}
-		err := writeTar(w, srcDir, srcBase, rebase, req.Excludes)
+		var err error
+		if req.Listing {
+			err = writeListing(w, srcDir, srcBase, req.Excludes)
+		} else {
+			err = writeTarOnly(w, srcDir, srcBase, rebase, req.Excludes, req.Only)
+		}
 		if err == nil {
 			err = w.flush()
 		}
@@ -202,6 +208,23 @@ func (w *chanWriter) flush() error {
 // tether's kernel filesystems (/proc, /sys, /dev) are archived as empty
 // directories.
 func writeTar(out io.Writer, srcDir, srcBase, rebase string, excludes []string) error {
+	return writeTarOnly(out, srcDir, srcBase, rebase, excludes, nil)
+}
+
+// writeTarOnly is writeTar; with only (container paths), just those
+// entries are archived (directories not recursively): a commit's layer.
+func writeTarOnly(out io.Writer, srcDir, srcBase, rebase string, excludes, only []string) error {
+	var want, ancestors map[string]bool
+	if only != nil {
+		want, ancestors = map[string]bool{}, map[string]bool{containerRoot: true}
+		for _, o := range only {
+			p := filepath.Join(containerRoot, filepath.Clean("/"+o))
+			want[p] = true
+			for d := filepath.Dir(p); len(d) > len(containerRoot); d = filepath.Dir(d) {
+				ancestors[d] = true
+			}
+		}
+	}
 	tw := tar.NewWriter(out)
 	inodes := map[[2]uint64]string{}
 	start := filepath.Join(srcDir, srcBase)
@@ -233,6 +256,9 @@ func writeTar(out io.Writer, srcDir, srcBase, rebase string, excludes []string) 
 			return nil // export: the root itself has no entry, only its contents
 		}
 		if skip[p] && p != start {
+			if want != nil && !want[p] {
+				return filepath.SkipDir
+			}
 			if fi.IsDir() {
 				if err := writeHeader(tw, p, name, fi, inodes); err != nil {
 					return err
@@ -243,6 +269,12 @@ func writeTar(out io.Writer, srcDir, srcBase, rebase string, excludes []string) 
 		}
 		if fi.Mode()&(os.ModeSocket) != 0 {
 			return nil // dockerd skips sockets too
+		}
+		if want != nil && !want[p] {
+			if fi.IsDir() && !ancestors[p] && p != start {
+				return filepath.SkipDir
+			}
+			return nil
 		}
 		return writeHeader(tw, p, name, fi, inodes)
 	})
@@ -523,4 +555,61 @@ func utimensat(p string, ts []syscall.Timespec) error {
 		return e
 	}
 	return nil
+}
+
+// writeListing writes one JSON line per entry below srcDir/srcBase (no
+// contents): the container side of docker diff and commit.
+func writeListing(out io.Writer, srcDir, srcBase string, excludes []string) error {
+	start := filepath.Join(srcDir, srcBase)
+	skip := map[string]bool{}
+	for p := range archiveSkip {
+		skip[containerRoot+p] = true
+	}
+	for _, e := range excludes {
+		skip[filepath.Join(containerRoot, e)] = true
+	}
+	enc := json.NewEncoder(out)
+	return filepath.Walk(start, func(p string, fi os.FileInfo, err error) error {
+		if err != nil {
+			if p == start {
+				return err
+			}
+			return nil
+		}
+		rel, _ := filepath.Rel(start, p)
+		if rel == "." {
+			return nil
+		}
+		e := map[string]any{"p": "/" + filepath.ToSlash(rel), "m": uint32(fi.Mode()),
+			"s": fi.Size(), "t": fi.ModTime().Unix()}
+		if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+			e["u"], e["g"] = st.Uid, st.Gid
+		}
+		if fi.Mode()&os.ModeSymlink != 0 {
+			e["l"], _ = os.Readlink(p)
+		}
+		if fi.IsDir() {
+			e["s"] = 0
+		}
+		if err := enc.Encode(e); err != nil {
+			return err
+		}
+		if skip[p] && fi.IsDir() {
+			return filepath.SkipDir
+		}
+		return nil
+	})
+}
+
+// freeze stops (SIGSTOP) or continues (SIGCONT) every process but the
+// tether: docker commit --pause. kill(-1) skips PID 1 itself.
+func freeze(frozen bool) (map[string]any, error) {
+	sig := syscall.SIGCONT
+	if frozen {
+		sig = syscall.SIGSTOP
+	}
+	if err := syscall.Kill(-1, sig); err != nil && err != syscall.ESRCH {
+		return nil, err
+	}
+	return map[string]any{}, nil
 }

@@ -174,6 +174,9 @@ type request struct {
 	Rebase               *string  `json:"rebase"`
 	Excludes             []string `json:"excludes"`
 	NoOverwriteDirNonDir bool     `json:"no_overwrite_dir_non_dir"`
+	Listing              bool     `json:"listing"`
+	Only                 []string `json:"only"`
+	Frozen               bool     `json:"frozen"`
 }
 
 type runConfig struct {

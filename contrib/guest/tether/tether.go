@@ -141,6 +141,8 @@ func (t *tether) handleCtrl(payload []byte) {
 			res, post, err = t.archiveGet(&req)
 		case "archive_put":
 			res, post, err = t.archivePut(&req)
+		case "freeze":
+			res, err = freeze(req.Frozen)
 		default:
 			err = fmt.Errorf("unknown op %q", req.Op)
 		}

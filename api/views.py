@@ -115,6 +115,7 @@ def inspect_container(engine: Engine, c: Container) -> dict[str, Any]:
             "Error": st.error,
             "StartedAt": st.started_at,
             "FinishedAt": st.finished_at,
+            **({"Health": st.health} if st.health is not None else {}),
         },
         "Image": c.image_id,
         "ResolvConfPath": "",
@@ -141,7 +142,12 @@ def status_text(c: Container) -> str:
     st = c.state
     if st.status in (RUNNING, PAUSED):
         up = human_duration(time.time() - parse_rfc3339(st.started_at).timestamp())
-        return f"Up {up}" + (" (Paused)" if st.status == PAUSED else "")
+        if st.status == PAUSED:
+            return f"Up {up} (Paused)"
+        health = (st.health or {}).get("Status")
+        if health == "starting":
+            return f"Up {up} (health: starting)"
+        return f"Up {up}" + (f" ({health})" if health else "")
     if st.status == RESTARTING:
         ago = human_duration(time.time() - parse_rfc3339(st.finished_at).timestamp())
         return f"Restarting ({st.exit_code}) {ago} ago"

@@ -26,6 +26,8 @@ class State:
     started_at: str = "0001-01-01T00:00:00Z"
     finished_at: str = "0001-01-01T00:00:00Z"
     oom_killed: bool = False
+    # Docker's State.Health ({Status, FailingStreak, Log}) with a healthcheck (vicd.health).
+    health: dict[str, Any] | None = None
 
     @property
     def running(self) -> bool:

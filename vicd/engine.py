@@ -19,6 +19,7 @@ from typing import Any
 import pluggy
 
 from vicd import container as cs
+from vicd import health
 from vicd.backend import (
     VM,
     ComputeBackend,
@@ -183,6 +184,7 @@ class Engine:
                 c.state.status = cs.RUNNING
                 self.store.save(c)
             rt.monitor = asyncio.create_task(self._monitor(c, vm))
+            health.start(self, c)
             log.info("container %s: reattached to its running VM", c.short_id)
         for c in list(self.containers.values()):
             policy = c.restart_policy[0]
@@ -435,6 +437,7 @@ class Engine:
             vm.main.close_stdin()
         self.events.publish("container", "start", c.id, **self._attrs(c))
         rt.monitor = asyncio.create_task(self._monitor(c, vm))
+        health.start(self, c)
 
     async def _monitor(self, c: Container, vm: VM) -> None:
         try:
@@ -457,6 +460,7 @@ class Engine:
         rt = self.rt(c)
         rt.vm = None
         rt.running.clear()
+        health.stop(c)
         if rt.log:
             rt.log.flush_partial()
         c.state.status = cs.EXITED

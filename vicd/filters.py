@@ -108,8 +108,12 @@ def container_matches(c: Container, f: dict[str, list[str]], engine: Engine,
                 oc = parse_rfc3339(other.created)
                 if (created <= oc) if newer else (created >= oc):
                     return False
-    if "health" in f and "none" not in f["health"]:
-        return False
+    if "health" in f:
+        for v in f["health"]:
+            if v not in ("starting", "healthy", "unhealthy", "none"):
+                raise InvalidParameter(f"Unrecognised filter value for health: {v}")
+        if ((c.state.health or {}).get("Status") or "none") not in f["health"]:
+            return False
     return True
 
 

@@ -21,6 +21,7 @@ from vicd.errors import InvalidParameter
 from vicd.filters import PS_FILTERS, check_keys, container_matches, parse_filters
 from vicd.logs import follow_logs, read_logs
 from vicd.timefmt import parse_api_time, rfc3339, rfc3339_now
+from vicd.update import top_with_args
 
 CONFIG_KEYS = (
     "Hostname", "Domainname", "User", "AttachStdin", "AttachStdout", "AttachStderr", "Tty",
@@ -303,6 +304,9 @@ async def top(request: web.Request) -> web.Response:
     engine = engine_of(request)
     procs = await engine.top(request.match_info["id"])
     boot = time.time() - _uptime_hint(procs)
+    if request.query.get("ps_args"):
+        return json_response(await top_with_args(engine, request.match_info["id"], procs,
+                                                 request.query["ps_args"], boot))
     return json_response(top_view(procs, boot))
 
 

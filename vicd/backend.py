@@ -42,6 +42,15 @@ class DiskSpec:
 
 
 @dataclass
+class BindSpec:
+    """A host path shared into the VM (``-v /host:/ctr``)."""
+
+    source: Path
+    target: str
+    read_only: bool = False
+
+
+@dataclass
 class VMSpec:
     container_id: str
     name: str
@@ -52,6 +61,7 @@ class VMSpec:
     memory_mb: int
     cpus: int
     disks: list[DiskSpec] = field(default_factory=list)
+    binds: list[BindSpec] = field(default_factory=list)
     nics: list[dict[str, Any]] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
     # The container is removed when it exits (--rm): its disk need not be

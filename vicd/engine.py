@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -22,6 +23,7 @@ from vicd import container as cs
 from vicd import health
 from vicd.backend import (
     VM,
+    BindSpec,
     ComputeBackend,
     DiskSpec,
     GuestProcess,
@@ -272,6 +274,9 @@ class Engine:
         """Create the named volumes that are missing and the anonymous ones."""
         out = []
         for m in mounts:
+            if m["Type"] != "volume":
+                out.append(m)
+                continue
             v, created = await asyncio.to_thread(
                 self.volumes.create, m["Name"] or None, m["Driver"], m.get("DriverOpts"),
                 m.get("Labels"), m.get("Anonymous", False))
@@ -283,12 +288,12 @@ class Engine:
 
     def volume_users(self, name: str, running_only: bool = False) -> list[str]:
         return [c.id for c in self.containers.values()
-                if any(m["Name"] == name for m in c.mounts)
+                if any(m["Type"] == "volume" and m["Name"] == name for m in c.mounts)
                 and (c.state.running or not running_only)]
 
     def _attach_volumes(self, c: Container) -> list[DiskSpec]:
         disks = []
-        for m in c.mounts:
+        for m in _volume_mounts(c):
             others = [o for o in self.volume_users(m["Name"], running_only=True) if o != c.id]
             if others:
                 # One ext4 disk cannot be mounted by two VMs at once.
@@ -303,7 +308,7 @@ class Engine:
         return disks
 
     def _volumes_started(self, c: Container) -> None:
-        for m in c.mounts:
+        for m in _volume_mounts(c):
             v = self.volumes.get(m["Name"])
             if not v.initialized and m["RW"]:
                 v.initialized = True
@@ -313,7 +318,7 @@ class Engine:
                                 propagation="", **{"read/write": str(m["RW"]).lower()})
 
     def _volumes_stopped(self, c: Container) -> None:
-        for m in c.mounts:
+        for m in _volume_mounts(c):
             try:
                 v = self.volumes.get(m["Name"])
                 self.volumes.driver(v.driver).unmount(v.name, c.id)
@@ -415,6 +420,8 @@ class Engine:
         spec.hosts = hosts_file(spec.hostname, mode, c.host_config.get("ExtraHosts"))
         spec.resolv = resolv_file(c.host_config, mode)
         spec.disks = self._attach_volumes(c)
+        spec.binds = [BindSpec(Path(m["Source"]), m["Destination"], not m["RW"])
+                      for m in c.mounts if m["Type"] == "bind"]
         await call_broadcast(self.pm, "before_start", container=c, spec=spec)
         if rt.log is None:
             rt.log = LogWriter(self.log_path(c))
@@ -926,6 +933,10 @@ class Engine:
             "ContainersPaused": paused,
             "ContainersStopped": total - running - paused,
         }
+
+
+def _volume_mounts(c: Container) -> list[dict[str, Any]]:
+    return [m for m in c.mounts if m["Type"] == "volume"]
 
 
 def _validate_host_config(hc: dict[str, Any]) -> None:

@@ -6,6 +6,7 @@ Each mount is kept in Docker's ``Mounts`` shape (as inspect shows it), plus
 
 from __future__ import annotations
 
+import os
 import posixpath
 from typing import Any
 
@@ -34,11 +35,10 @@ def _check_target(target: str, what: str = "") -> str:
     return clean
 
 
-def _no_binds(source: str) -> None:
-    raise InvalidParameter(
-        f"bind mounts of host paths ({source}) are not supported by the microvm backend yet; "
-        "use a named volume (-v NAME:/path)"
-    )
+def _bind(source: str, target: str, rw: bool) -> dict[str, Any]:
+    return {"Type": "bind", "Name": "", "Source": posixpath.normpath(source),
+            "Destination": target, "Driver": "", "Mode": "" if rw else "ro", "RW": rw,
+            "Propagation": "rprivate", "Anonymous": False}
 
 
 def parse_bind(spec: str) -> dict[str, Any]:
@@ -56,8 +56,15 @@ def parse_bind(spec: str) -> dict[str, Any]:
                          "slave", "rslave", "consistent", "cached", "delegated"):
             raise InvalidParameter(f"invalid mode: {opt}")
     target = _check_target(target)
-    if source.startswith("/") or source.startswith("."):
-        _no_binds(source)
+    if source.startswith("/"):
+        # dockerd creates a missing host folder for -v (not for --mount).
+        if not os.path.exists(source):
+            try:
+                os.makedirs(source)
+            except OSError as e:
+                raise InvalidParameter(f"error while creating mount source path "
+                                       f"'{source}': {e.strerror}") from None
+        return _bind(source, target, rw)
     check_volume_name(source)
     return _volume(source, target, rw)
 
@@ -72,7 +79,10 @@ def parse_mount(m: dict[str, Any]) -> dict[str, Any]:
         if not source.startswith("/"):
             raise InvalidParameter(f"invalid mount config for type \"bind\": invalid mount path: "
                                    f"'{source}' mount path must be absolute")
-        _no_binds(source)
+        if not os.path.exists(source):
+            raise InvalidParameter(f"invalid mount config for type \"bind\": bind source path "
+                                   f"does not exist: {source}")
+        return _bind(source, target, rw)
     if typ == "tmpfs":
         raise InvalidParameter("tmpfs mounts are not supported by the microvm backend yet")
     if typ != "volume":

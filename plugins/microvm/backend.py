@@ -21,11 +21,10 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from collections.abc import AsyncIterator
 from typing import Any
 
 from vicd.plugins.microvm import archive
-from vicd.plugins.microvm import archive
+from vicd.plugins.microvm.binds import SharedFolder, SharedFolders
 from vicd.plugins.microvm.qemu import (
     QemuProcess,
     VMFiles,
@@ -103,6 +102,7 @@ class MicroVM:
         self.pid = proc.pid
         self.main: GuestProc  # set once the main process runs
         self.next_chan = 2
+        self.folders: SharedFolders | None = None
         self._qmp: QMP | None = None
         self._killed = False
 
@@ -195,6 +195,8 @@ class MicroVM:
         await self.conn.close()
         if self._qmp:
             self._qmp.close()
+        if self.folders:
+            self.folders.cleanup()
 
 
 def _process_fields(spec: ProcessSpec) -> dict[str, Any]:
@@ -235,9 +237,20 @@ class MicroVMBackend:
         if shutil.which("qemu-system-x86_64") is None:
             raise VicdError("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
         self.kernel_release = (self.guest_dir / "kernel.release").read_text().strip()
+        self._cleanup_stale_folders()
         self.accel = await self._choose_accel()
         log.info("microvm backend: accelerator %s, guest kernel %s", self.accel,
                  self.kernel_release)
+
+    def _cleanup_stale_folders(self) -> None:
+        """Host-folder staging of VMs that ended while no daemon was there."""
+        binds = self.root / "binds"
+        if not binds.exists():
+            return
+        for d in binds.iterdir():
+            vm_dir = self.vms / d.name
+            if live_qemu_pid(VMFiles(vm_dir)) is None:
+                SharedFolders(d, vm_dir).cleanup()
 
     async def _choose_accel(self) -> str:
         want = self.config.accel
@@ -304,6 +317,9 @@ class MicroVMBackend:
     def files(self, cid: str) -> VMFiles:
         return VMFiles(self.vms / cid[:16])
 
+    def _folders(self, cid: str) -> SharedFolders:
+        return SharedFolders(self.root / "binds" / cid[:16], self.files(cid).dir)
+
     def _argv(
         self,
         files: VMFiles,
@@ -314,6 +330,7 @@ class MicroVMBackend:
         mem_path: Path | None = None,
         mem_shared: bool = False,
         nic: dict[str, Any] | None = None,
+        shared: list[SharedFolder] | None = None,
     ) -> list[str]:
         return build_cmdline(
             files=files,
@@ -326,6 +343,7 @@ class MicroVMBackend:
             mem_path=mem_path,
             mem_shared=mem_shared,
             nic=nic,
+            shared=[(f.tag, f.socket) for f in shared or []],
         )
 
     async def create(self, spec: VMSpec) -> None:
@@ -358,13 +376,21 @@ class MicroVMBackend:
         # guest: ext4 may need to replay its journal even for a read-only mount.
         disks += [(d.path, d.fmt, False) for d in spec.disks]
         t0 = time.monotonic()
-        launched = await self._launch_from_template(spec, files, disks)
-        how = "restored from template"
-        if launched is None:
-            how = "booted"
-            argv = self._argv(files, self.accel, spec.memory_mb, spec.cpus, disks,
-                              nic=_nic(spec))
-            launched = await self._launch(argv, files)
+        folders = self._folders(spec.container_id)
+        shared = await folders.prepare(spec.binds) if spec.binds else []
+        try:
+            launched = None
+            if not shared:  # vhost-user devices cannot be in a migration snapshot
+                launched = await self._launch_from_template(spec, files, disks)
+            how = "restored from template"
+            if launched is None:
+                how = "booted" + (" (host folders need a cold boot)" if shared else "")
+                argv = self._argv(files, self.accel, spec.memory_mb, spec.cpus, disks,
+                                  nic=_nic(spec), shared=shared)
+                launched = await self._launch(argv, files)
+        except BaseException:
+            folders.cleanup()
+            raise
         proc, conn, hello = launched
         t_boot = time.monotonic() - t0
         # Volumes outlive the container: only a VM without them may end unflushed.
@@ -378,7 +404,7 @@ class MicroVMBackend:
                 "time_ns": time.time_ns(),
                 "seed": base64.b64encode(os.urandom(64)).decode(),
                 "network": _guest_network(spec),
-                "mounts": _guest_mounts(spec),
+                "mounts": _guest_mounts(spec) + _guest_binds(shared),
                 **_process_fields(spec.process),
                 "hold": spec.hold,
             }
@@ -391,7 +417,9 @@ class MicroVMBackend:
             proc.kill()
             await proc.wait(5)
             await conn.close()
+            folders.cleanup()
             raise
+        vm.folders = folders
         vm.main = GuestProc(vm, 1, channel, int(reply.get("pid", 0)))
         log.info(
             "container %s: VM pid %d %s in %.0f ms, process started %.0f ms later "
@@ -540,6 +568,7 @@ class MicroVMBackend:
             await conn.close()
             return None
         vm = MicroVM(container_id, files, proc, conn)
+        vm.folders = self._folders(container_id)  # undone when this VM ends
         vm.main = GuestProc(vm, 1, channel, int(hello.get("pid", 0) or 0))
         if hello.get("state") == "exited" and not channel.exit.done():
             channel.exit.set_result(int(hello.get("exit_code") or 0))
@@ -578,6 +607,7 @@ class MicroVMBackend:
             proc = QemuProcess(pid)
             proc.kill()
             await proc.wait(5)
+        self._folders(container_id).cleanup()
 
     async def remove(self, container_id: str) -> None:
         await self.destroy(container_id)
@@ -596,6 +626,14 @@ def _guest_network(spec: VMSpec) -> dict[str, Any]:
         for i, n in enumerate(spec.nics)
     ]
     return {"interfaces": ifaces, "hosts": spec.hosts, "resolv": spec.resolv}
+
+
+def _guest_binds(shared: list[SharedFolder]) -> list[dict[str, Any]]:
+    return [
+        {"device": f.tag, "fstype": "virtiofs", "target": f.target, "readonly": f.read_only,
+         "file": f.file}
+        for f in shared
+    ]
 
 
 def _guest_mounts(spec: VMSpec) -> list[dict[str, Any]]:

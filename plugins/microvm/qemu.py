@@ -82,6 +82,7 @@ def build_cmdline(
     mem_path: Path | None = None,
     mem_shared: bool = False,
     nic: dict[str, Any] | None = None,
+    shared: list[tuple[str, Path]] | None = None,
 ) -> list[str]:
     """The QEMU argv. ``disks`` are (path, format, read_only), the root first (vda).
 
@@ -97,7 +98,11 @@ def build_cmdline(
             append += f" tsc_early_khz={khz}"
     machine = "microvm,pit=off,pic=off,isa-serial=on,rtc=on"
     memory: list[str] = []
-    if mem_path is not None:
+    if shared:
+        # vhost-user devices (virtiofsd) need guest RAM they can map.
+        machine += ",memory-backend=mem"
+        memory = ["-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on"]
+    elif mem_path is not None:
         machine += ",memory-backend=mem"
         share = "on" if mem_shared else "off"
         memory = ["-object", f"memory-backend-file,id=mem,size={memory_mb}M,"
@@ -126,6 +131,12 @@ def build_cmdline(
         "-pidfile", str(files.pidfile),
     ]
     argv += netdev_args(nic)
+    if shared:
+        # libvhost-user (virtiofsd) refuses legacy virtio, microvm's mmio default.
+        argv += ["-global", "virtio-mmio.force-legacy=false"]
+    for i, (tag, sock) in enumerate(shared or []):
+        argv += ["-chardev", f"socket,id=vfs{i},path={sock}",
+                 "-device", f"vhost-user-fs-device,chardev=vfs{i},tag={tag}"]
     for i, (path, fmt, ro) in enumerate(disks):
         drive = f"id=d{i},file={path},format={fmt},if=none,cache=unsafe"
         if ro:

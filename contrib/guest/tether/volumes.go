@@ -20,6 +20,9 @@ type volumeMount struct {
 	// CopyUp: the volume is new: copy what the image has at Target into it
 	// first, as dockerd does for an empty volume.
 	CopyUp bool `json:"copy_up"`
+	// File: for a virtiofs bind of a single host file, the file's name in
+	// the shared folder; it is bind-mounted over Target.
+	File string `json:"file"`
 }
 
 const stagingDir = "/tmp/vol"
@@ -29,24 +32,32 @@ const stagingDir = "/tmp/vol"
 // cannot send a mount outside it.
 func mountVolumes(mounts []volumeMount) error {
 	for i, m := range mounts {
-		if err := waitDevice(m.Device); err != nil {
-			return err
-		}
 		fstype := m.FSType
 		if fstype == "" {
 			fstype = "ext4"
+		}
+		if fstype != "virtiofs" { // virtiofs names a tag, not a device node
+			if err := waitDevice(m.Device); err != nil {
+				return err
+			}
 		}
 		target, err := securePath(containerRoot, m.Target)
 		if err != nil {
 			return fmt.Errorf("volume target %s: %v", m.Target, err)
 		}
-		if err := os.MkdirAll(target, 0o755); err != nil {
-			return fmt.Errorf("volume target %s: %v", m.Target, err)
-		}
 		stage := filepath.Join(stagingDir, fmt.Sprint(i))
 		os.MkdirAll(stage, 0o755)
 		if err := syscall.Mount(m.Device, stage, fstype, 0, ""); err != nil {
-			return fmt.Errorf("mount volume %s: %v", m.Device, err)
+			return fmt.Errorf("mount %s %s: %v", fstype, m.Device, err)
+		}
+		if m.File != "" {
+			if err := bindFile(filepath.Join(stage, m.File), target, m.ReadOnly); err != nil {
+				return fmt.Errorf("bind %s: %v", m.Target, err)
+			}
+			continue
+		}
+		if err := os.MkdirAll(target, 0o755); err != nil {
+			return fmt.Errorf("volume target %s: %v", m.Target, err)
 		}
 		if m.CopyUp {
 			// First use: a docker volume starts empty, without mke2fs' lost+found.
@@ -65,6 +76,30 @@ func mountVolumes(mounts []volumeMount) error {
 				return fmt.Errorf("read-only %s: %v", m.Target, err)
 			}
 		}
+	}
+	return nil
+}
+
+// bindFile mounts one file of a shared folder over target, creating an
+// empty file to mount on if the image has none there.
+func bindFile(src, target string, readOnly bool) error {
+	if fi, err := os.Lstat(target); err != nil || fi.IsDir() || fi.Mode()&os.ModeSymlink != 0 {
+		if err == nil && fi.IsDir() {
+			return fmt.Errorf("cannot mount a file on a directory")
+		}
+		os.Remove(target)
+		os.MkdirAll(filepath.Dir(target), 0o755)
+		f, err := os.OpenFile(target, os.O_CREATE|os.O_WRONLY, 0o644)
+		if err != nil {
+			return err
+		}
+		f.Close()
+	}
+	if err := syscall.Mount(src, target, "", syscall.MS_BIND, ""); err != nil {
+		return err
+	}
+	if readOnly {
+		return syscall.Mount("", target, "", syscall.MS_REMOUNT|syscall.MS_BIND|syscall.MS_RDONLY, "")
 	}
 	return nil
 }

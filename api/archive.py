@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
-from vicd.api.app import add_route, json_body, json_response, q_bool
-from vicd.api.keys import ENGINE
 
 from vicd import archive, changes
+from vicd.api.app import add_route, json_body, json_response, q_bool
+from vicd.api.keys import ENGINE
 from vicd.errors import InvalidParameter
 
 STAT_HEADER = "X-Docker-Container-Path-Stat"

@@ -9,12 +9,12 @@ import time
 from typing import Any
 
 from aiohttp import web
+
 from vicd.api.app import add_route, api_version, json_body, json_response, q_bool, q_int
 from vicd.api.hijack import MULTIPLEXED_STREAM, RAW_STREAM, hijack, wants_upgrade
 from vicd.api.keys import ENGINE
 from vicd.api.streams import encode_output
 from vicd.api.views import container_summary, inspect_container, stats_view, top_view
-
 from vicd.container import Container
 from vicd.engine import Attachment, Engine
 from vicd.errors import InvalidParameter

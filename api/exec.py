@@ -6,12 +6,12 @@ import asyncio
 import contextlib
 
 from aiohttp import web
+
 from vicd.api.app import add_route, json_body, json_response, q_int
 from vicd.api.hijack import RAW_STREAM, hijack, wants_upgrade
 from vicd.api.keys import ENGINE
 from vicd.api.streams import encode_output
 from vicd.api.views import inspect_exec
-
 from vicd.errors import InvalidParameter
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
 from vicd.api.app import add_route, json_body, json_response, q_bool
 from vicd.api.keys import DAEMON, ENGINE, EVENTS, IMAGES
-
 from vicd.errors import InvalidParameter, NotFound, VicdError
 from vicd.filters import parse_filters
 from vicd.image_store import apply_changes

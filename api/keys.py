@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from vicd.image_store import ImageStore
 
 from vicd.engine import Engine
 from vicd.events import EventBus
+from vicd.image_store import ImageStore
 
 ENGINE = web.AppKey("engine", Engine)
 IMAGES = web.AppKey("images", ImageStore)

@@ -11,10 +11,10 @@ import time
 from typing import Any
 
 from aiohttp import web
-from vicd.api.app import API_VERSION, MIN_API_VERSION, add_route, json_response
-from vicd.api.keys import DAEMON, ENGINE, EVENTS, IMAGES
 
 from vicd import __version__
+from vicd.api.app import API_VERSION, MIN_API_VERSION, add_route, json_response
+from vicd.api.keys import DAEMON, ENGINE, EVENTS, IMAGES
 from vicd.events import matches, validate_filters
 from vicd.filters import parse_filters
 from vicd.plugin_manager import plugin_list

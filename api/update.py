@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from aiohttp import web
-from vicd.api.app import add_route, json_body, json_response
-from vicd.api.keys import ENGINE
 
 from vicd import update as upd
+from vicd.api.app import add_route, json_body, json_response
+from vicd.api.keys import ENGINE
 
 
 async def update(request: web.Request) -> web.Response:

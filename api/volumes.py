@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import web
+
 from vicd.api.app import add_route, api_version, json_body, json_response, q_bool
 from vicd.api.keys import ENGINE, EVENTS
-
 from vicd.errors import InvalidParameter
 from vicd.filters import parse_filters
 

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+
 from conftest import Vicd
 from refdockerd import RefDockerd, dockerd  # noqa: F401
 

@@ -9,6 +9,7 @@ import time
 import uuid
 
 import docker
+
 from conftest import DOCKER, Vicd
 
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+
 from conftest import Vicd
 from refdockerd import RefDockerd, dockerd  # noqa: F401
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import docker
 import pytest
 from aiohttp import web
+
 from conftest import Vicd
 from refdockerd import RefDockerd, dockerd  # noqa: F401
 from registry_fixture import (
@@ -30,7 +31,6 @@ from registry_fixture import (
     registry,  # noqa: F401
     tar_bytes,
 )
-
 from vicd import registry as reg_mod
 from vicd.registry import AuthConfig, RegistryClient, RegistryError, Unauthorized
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conftest import Vicd
 from refdockerd import dockerd  # noqa: F401
 

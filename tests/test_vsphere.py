@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from vcsim_fixture import PASSWORD, VSphereEnv, make_env, vsphere_fixture  # noqa: F401
 
 

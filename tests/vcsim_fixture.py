@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
 from conftest import GUEST_DIR, REPO, Vicd, new_vicd
 
 VCSIM = REPO / ".cache" / "vcsim" / "vcsim"

@@ -14,7 +14,6 @@ import argparse
 import base64
 import json
 import os
-import queue
 import re
 import shutil
 import socket

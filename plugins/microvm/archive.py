@@ -14,9 +14,8 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from vicd.plugins.microvm.tether import STDIN, STDIN_CLOSE, TetherError
-
 from vicd.backend import GuestPathError
+from vicd.plugins.microvm.tether import STDIN, STDIN_CLOSE, TetherError
 
 if TYPE_CHECKING:
     from vicd.plugins.microvm.backend import MicroVM

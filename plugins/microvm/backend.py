@@ -23,6 +23,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from vicd.backend import GuestStats, OutputSink, ProcessSpec, StartError, VMSpec
+from vicd.config import Config
+from vicd.errors import VicdError
 from vicd.plugins.microvm import archive
 from vicd.plugins.microvm.binds import SharedFolder, SharedFolders
 from vicd.plugins.microvm.qemu import (
@@ -43,10 +46,6 @@ from vicd.plugins.microvm.tether import (
     TetherError,
 )
 from vicd.plugins.microvm.volumes import VOLUME_SLOT_BYTES
-
-from vicd.backend import GuestStats, OutputSink, ProcessSpec, StartError, VMSpec
-from vicd.config import Config
-from vicd.errors import VicdError
 
 log = logging.getLogger(__name__)
 

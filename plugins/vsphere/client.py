@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
-from vicd.plugins.vsphere.settings import VSphereSettings
 
 from vicd.errors import VicdError
+from vicd.plugins.vsphere.settings import VSphereSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import socket
 import threading
 import time
@@ -121,3 +122,17 @@ def test_network_none(vicd: Vicd, host_server: int):
     assert "inet " not in r.stdout and "unreachable" in r.stdout
     r = vicd.docker("run", "--rm", "--network", "host", "busybox", "true", check=False)
     assert r.returncode != 0 and "not supported" in r.stderr
+
+
+def test_builtin_networks_listed_and_user_networks_refused_clearly(vicd: Vicd):
+    names = vicd.docker("network", "ls", "--format", "{{.Name}}").stdout.split()
+    assert names == ["bridge", "none"]
+    vicd.docker("run", "-d", "--name", "onbridge", "busybox", "sleep", "60")
+    net = json.loads(vicd.docker("network", "inspect", "bridge").stdout)[0]
+    (member,) = [m for m in net["Containers"].values() if m["Name"] == "onbridge"]
+    assert member["IPv4Address"] == "10.0.2.15/24"
+    vicd.docker("rm", "-f", "onbridge")
+    r = vicd.docker("network", "create", "mynet", check=False)
+    assert r.returncode == 1 and "not supported" in r.stderr
+    r = vicd.docker("network", "inspect", "nosuchnet", check=False)
+    assert r.returncode == 1 and "network nosuchnet not found" in r.stderr

@@ -18,6 +18,7 @@ from vicd.api import archive as archive_routes
 from vicd.api import containers, system
 from vicd.api import exec as exec_routes
 from vicd.api import images as image_routes
+from vicd.api import networks as network_routes
 from vicd.api import update as update_routes
 from vicd.api import volumes as volume_routes
 from vicd.api.app import make_app
@@ -82,7 +83,7 @@ class Daemon:
             app[IMAGES] = self.images
             app[EVENTS] = self.events
             for module in (system, containers, exec_routes, image_routes, volume_routes,
-                           archive_routes, update_routes):
+                           archive_routes, update_routes, network_routes):
                 module.setup(app)
 
         return make_app(setup)

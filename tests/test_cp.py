@@ -206,3 +206,27 @@ def test_cp_100mib_timing(vicd: Vicd, running: str, dockerd: RefDockerd,  # noqa
         dockerd.docker("rm", "-f", ref, check=False)
     print(f"cp of a 100 MiB folder: vicd in {v_in:.2f} s, out {v_out:.2f} s; "
           f"dockerd in {d_in:.2f} s, out {d_out:.2f} s")
+
+
+def test_cp_read_only_targets_match_dockerd(vicd: Vicd, dockerd: RefDockerd,  # noqa: F811
+                                            tmp_path: Path):
+    f = tmp_path / "f"
+    f.write_text("x")
+    vol = _name("rovol")
+    for cli, net in ((vicd, ()), (dockerd, ("--network", "none"))):
+        cli.docker("run", "-d", *net, "--name", f"{vol}-v", "-v", f"{vol}:/data:ro",
+                   "busybox", "sleep", "1000")
+        cli.docker("run", "-d", *net, "--name", f"{vol}-r", "--read-only", "busybox",
+                   "sleep", "1000")
+    try:
+        for target, want in ((f"{vol}-v:/data/", "mounted volume is marked read-only"),
+                             (f"{vol}-r:/tmp/", "container rootfs is marked read-only")):
+            for cli in (vicd, dockerd):
+                r = cli.docker("cp", str(f), target, check=False)
+                assert r.returncode == 1 and want in r.stderr, (cli, r.stderr)
+        # Nothing changed in a read-only container (the guest's /etc files are not).
+        assert vicd.docker("diff", f"{vol}-r").stdout == ""
+    finally:
+        for cli in (vicd, dockerd):
+            cli.docker("rm", "-f", f"{vol}-v", f"{vol}-r", check=False)
+            cli.docker("volume", "rm", vol, check=False)

@@ -144,6 +144,12 @@ def compare(image: dict[str, Entry], ctr: dict[str, Entry], extra: list[str]
             same = same and e[4] == old[4]
         if not same:
             out.append((path, CHANGED))
+    # The guest creates the /etc files it bind-mounts when the image lacks
+    # them, which touches /etc: not a change of the container's own.
+    for parent in {os.path.dirname(p) for p in (*IGNORED, *extra)}:
+        if (parent, CHANGED) in out and not any(
+                q.startswith(parent.rstrip("/") + "/") for q, _ in out):
+            out.remove((parent, CHANGED))
     deleted = sorted(p for p in image if p not in ctr and not _ignored(p, extra))
     top: list[str] = []
     for p in deleted:

@@ -52,7 +52,7 @@ async def _body(request: web.Request) -> AsyncIterator[bytes]:
 async def put_archive(request: web.Request) -> web.Response:
     path = archive.check_path(request.query.get("path"))
     await archive.put(request.app[ENGINE], request.match_info["id"], path, _body(request),
-                      q_bool(request, "noOverwriteDirNonDir"))
+                      q_bool(request, "noOverwriteDirNonDir"), q_bool(request, "copyUIDGID"))
     return web.Response(status=200)
 
 

@@ -230,3 +230,18 @@ def test_cp_read_only_targets_match_dockerd(vicd: Vicd, dockerd: RefDockerd,  # 
         for cli in (vicd, dockerd):
             cli.docker("rm", "-f", f"{vol}-v", f"{vol}-r", check=False)
             cli.docker("volume", "rm", vol, check=False)
+
+
+def test_cp_archive_mode_owner_is_the_container_user(vicd: Vicd, tmp_path: Path):
+    name = _name("cpuser")
+    vicd.docker("run", "-d", "--name", name, "-u", "65534", "busybox", "sleep", "1000")
+    try:
+        f = tmp_path / "owned"
+        f.write_text("x")
+        vicd.docker("cp", str(f), f"{name}:/tmp/plain")
+        vicd.docker("cp", "-a", str(f), f"{name}:/tmp/archived")
+        out = vicd.docker("exec", name, "stat", "-c", "%u:%g", "/tmp/plain",
+                          "/tmp/archived").stdout.split()
+        assert out == [f"{os.getuid()}:{os.getgid()}", "65534:65534"]
+    finally:
+        vicd.docker("rm", "-f", name, check=False)

@@ -123,7 +123,7 @@ async def get(engine: Engine, ref: str, path: str
 
 
 async def put(engine: Engine, ref: str, path: str, data: AsyncIterator[bytes],
-              no_overwrite_dir_non_dir: bool) -> None:
+              no_overwrite_dir_non_dir: bool, copy_uid_gid: bool = False) -> None:
     c = engine.get(ref)
     if c.host_config.get("ReadonlyRootfs"):
         # dockerd refuses unless the target is in a writable volume.
@@ -133,7 +133,9 @@ async def put(engine: Engine, ref: str, path: str, data: AsyncIterator[bytes],
             raise Forbidden("container rootfs is marked read-only")
     async with container_vm(engine, c) as vm:
         try:
-            await vm.put_archive(path, data, no_overwrite_dir_non_dir)
+            # docker cp -a: the container's user owns the files (dockerd's tarCopyOptions).
+            owner = (c.config.get("User") or "") if copy_uid_gid else ""
+            await vm.put_archive(path, data, no_overwrite_dir_non_dir, owner)
         except GuestPathError as e:
             raise _map_error(e, path, ref) from None
     engine.events.publish("container", "extract-to-dir", c.id, **engine._attrs(c))

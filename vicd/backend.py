@@ -136,8 +136,9 @@ class VM(Protocol):
         ...
 
     async def put_archive(self, path: str, data: AsyncIterator[bytes],
-                          no_overwrite_dir_non_dir: bool = False) -> None:
-        """Extract a tar stream into the directory at path."""
+                          no_overwrite_dir_non_dir: bool = False, chown_user: str = "") -> None:
+        """Extract a tar stream into the directory at path; with ``chown_user``
+        (a container user spec) every file becomes that user's (docker cp -a)."""
         ...
     async def kill(self) -> None:
         """End the VM at once (the process exit code becomes 137)."""

@@ -108,14 +108,15 @@ async def get_archive(vm: MicroVM, path: str, rebase: str | None = None,
 
 
 async def put_archive(vm: MicroVM, path: str, data: AsyncIterator[bytes],
-                      no_overwrite_dir_non_dir: bool = False) -> None:
+                      no_overwrite_dir_non_dir: bool = False, chown_user: str = "") -> None:
     chan = vm.next_chan
     vm.next_chan += 1
     channel = vm.conn.open_channel(chan, lambda _s, _d: None)
     try:
         try:
             await vm.conn.request("archive_put", chan=chan, path=path, timeout=60,
-                                  no_overwrite_dir_non_dir=no_overwrite_dir_non_dir)
+                                  no_overwrite_dir_non_dir=no_overwrite_dir_non_dir,
+                                  chown_user=chown_user)
         except TetherError as e:
             raise _path_error(e) from None
         try:

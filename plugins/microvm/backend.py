@@ -160,8 +160,8 @@ class MicroVM:
         await self.conn.request("freeze", frozen=frozen, timeout=10)
 
     async def put_archive(self, path: str, data: AsyncIterator[bytes],
-                          no_overwrite_dir_non_dir: bool = False) -> None:
-        await archive.put_archive(self, path, data, no_overwrite_dir_non_dir)
+                          no_overwrite_dir_non_dir: bool = False, chown_user: str = "") -> None:
+        await archive.put_archive(self, path, data, no_overwrite_dir_non_dir, chown_user)
 
     async def power_off(self) -> None:
         """End a VM started with ``hold`` (no main process)."""

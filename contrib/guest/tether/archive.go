@@ -352,6 +352,14 @@ func (t *tether) archivePut(req *request) (map[string]any, func(), error) {
 	if ro, _ := readOnlyAt(dest); ro {
 		return nil, nil, &reqError{msg: "mounted volume is marked read-only", code: 4}
 	}
+	// docker cp -a into a container with a User: the files become that
+	// user's (docker's tarCopyOptions); else the archive's owners are kept.
+	owner := (*userInfo)(nil)
+	if req.ChownUser != "" {
+		if owner, err = resolveUser(containerRoot, req.ChownUser); err != nil {
+			return nil, nil, err
+		}
+	}
 	s := &archiveStream{data: make(chan []byte, 16)}
 	t.mu.Lock()
 	if _, busy := t.archives[req.Chan]; busy || t.procs[req.Chan] != nil {
@@ -363,7 +371,7 @@ func (t *tether) archivePut(req *request) (map[string]any, func(), error) {
 	ch := req.Chan
 	destRel := strings.TrimPrefix(dest, containerRoot)
 	run := func() {
-		err := extractTar(s, destRel, req.NoOverwriteDirNonDir)
+		err := extractTar(s, destRel, req.NoOverwriteDirNonDir, owner)
 		// Drain what the host still sends so the port reader never blocks.
 		for range s.data {
 		}
@@ -412,7 +420,7 @@ func readOnlyAt(p string) (bool, error) {
 // already resolved). Entries are placed with their parent directory
 // resolved inside the root again, so a symlink in the container or one
 // the archive itself created cannot send a write outside the root.
-func extractTar(r io.Reader, destRel string, noOverwriteDirNonDir bool) error {
+func extractTar(r io.Reader, destRel string, noOverwriteDirNonDir bool, owner *userInfo) error {
 	tr := tar.NewReader(r)
 	type dirTime struct {
 		p     string
@@ -520,7 +528,11 @@ func extractTar(r io.Reader, destRel string, noOverwriteDirNonDir bool) error {
 			logf("archive: %s: unsupported type %c, skipped", hdr.Name, hdr.Typeflag)
 			continue
 		}
-		os.Lchown(target, hdr.Uid, hdr.Gid)
+		if owner != nil {
+			os.Lchown(target, int(owner.uid), int(owner.gid))
+		} else {
+			os.Lchown(target, hdr.Uid, hdr.Gid)
+		}
 		if hdr.Typeflag != tar.TypeSymlink {
 			if err := os.Chmod(target, mode); err != nil {
 				return err

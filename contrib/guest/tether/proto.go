@@ -177,6 +177,7 @@ type request struct {
 	Listing              bool     `json:"listing"`
 	Only                 []string `json:"only"`
 	Frozen               bool     `json:"frozen"`
+	ChownUser            string   `json:"chown_user"`
 }
 
 type runConfig struct {

@@ -28,6 +28,8 @@ class Config:
     # Fast start: restore per-shape template snapshots instead of cold boots.
     templates: bool = True
     templates_max: int = 8
+    # Build the default shape's template at daemon start, not at the first run.
+    templates_prebuild: bool = True
     socket_group: str | None = None
     socket_mode: int = 0o660
     debug: bool = False

@@ -222,6 +222,7 @@ class MicroVMBackend:
         self.accel = "tcg"
         self.kernel_release = ""
         self.templates = TemplateStore(self.root / "templates", config.templates_max)
+        self._prebuild: asyncio.Task[None] | None = None
 
     # --- setup ----------------------------------------------------------------
 
@@ -240,6 +241,10 @@ class MicroVMBackend:
         self.accel = await self._choose_accel()
         log.info("microvm backend: accelerator %s, guest kernel %s", self.accel,
                  self.kernel_release)
+        if self.config.templates and self.config.templates_prebuild:
+            # The default shape's template, built before the first `docker run`
+            # needs it (a start that comes first waits for this same build).
+            self._prebuild = asyncio.create_task(self._prebuild_default())
 
     def _cleanup_stale_folders(self) -> None:
         """Host-folder staging of VMs that ended while no daemon was there."""
@@ -469,12 +474,11 @@ class MicroVMBackend:
                      spec.container_id[:12])
             return None
         shape = self._shape(spec)
-        key = template_key(shape, self._guest_stamp(), qemu_version())
         try:
-            t = await self.templates.ensure(key, shape, lambda d: self._build_template(d, shape))
+            t = await self._ensure_template(shape)
         except Exception as e:
-            log.warning("container %s: cold boot, template %s could not be built: %s",
-                        spec.container_id[:12], key, e)
+            log.warning("container %s: cold boot, no template could be built: %s",
+                        spec.container_id[:12], e)
             return None
         self.templates.touch(t)
         try:
@@ -483,6 +487,18 @@ class MicroVMBackend:
             self.templates.discard(t, f"restore failed: {e}")
             log.warning("container %s: cold boot after a failed restore", spec.container_id[:12])
             return None
+
+    async def _prebuild_default(self) -> None:
+        shape = Shape(max(self.config.vm_memory_mb, self.config.vm_min_memory_mb), 1,
+                      self.accel, ROOT_SLOT_BYTES)
+        try:
+            await self._ensure_template(shape)
+        except Exception as e:  # the first start will try again, or cold-boot
+            log.warning("template prebuild failed: %s", e)
+
+    async def _ensure_template(self, shape: Shape) -> Template:
+        key = template_key(shape, self._guest_stamp(), qemu_version())
+        return await self.templates.ensure(key, shape, lambda d: self._build_template(d, shape))
 
     async def _build_template(self, tmp: Path, shape: Shape) -> None:
         """Boot a guest to the tether's wait for ``run``, then save it without its RAM."""

@@ -245,3 +245,23 @@ def test_cp_archive_mode_owner_is_the_container_user(vicd: Vicd, tmp_path: Path)
         assert out == [f"{os.getuid()}:{os.getgid()}", "65534:65534"]
     finally:
         vicd.docker("rm", "-f", name, check=False)
+
+
+def test_cp_paused_container(vicd: Vicd, tmp_path: Path):
+    name = _name("cppause")
+    vicd.docker("run", "-d", "--name", name, "busybox", "sh", "-c",
+                "while true; do date +%s%N > /tmp/tick; sleep 0.1; done")
+    try:
+        vicd.docker("exec", name, "sh", "-c", "while [ ! -s /tmp/tick ]; do sleep 0.1; done")
+        vicd.docker("pause", name)
+        (tmp_path / "in").write_text("while paused\n")
+        vicd.docker("cp", str(tmp_path / "in"), f"{name}:/tmp/")
+        before = vicd.docker("cp", f"{name}:/tmp/tick", "-").stdout
+        time.sleep(1)
+        after = vicd.docker("cp", f"{name}:/tmp/tick", "-").stdout
+        assert before == after  # the processes did not run meanwhile
+        assert vicd.inspect(name)["State"]["Status"] == "paused"
+        vicd.docker("unpause", name)
+        assert vicd.docker("exec", name, "cat", "/tmp/in").stdout == "while paused\n"
+    finally:
+        vicd.docker("rm", "-f", name, check=False)

@@ -43,9 +43,22 @@ def _map_error(e: GuestPathError, path: str, ref: str) -> VicdError:
 async def container_vm(engine: Engine, c: Container) -> AsyncIterator[VM]:
     """The VM that serves the container's files: its own, or a held one."""
     rt = engine.rt(c)
-    if c.state.status == cs.PAUSED:
-        # A paused VM's vCPUs are stopped: its tether cannot answer.
-        raise Conflict(f"Container {c.id} is paused, unpause the container first")
+    if c.state.status == cs.PAUSED and rt.vm is not None:
+        # A paused VM's vCPUs are stopped and its tether cannot answer: run
+        # the VM with the container's processes stopped (SIGSTOP) meanwhile.
+        vm = rt.vm
+        await vm.resume()
+        try:
+            await vm.freeze(True)
+            try:
+                yield vm
+            finally:
+                with contextlib.suppress(Exception):
+                    await vm.freeze(False)
+        finally:
+            if c.state.status == cs.PAUSED:
+                await vm.pause()
+        return
     if c.state.running and rt.vm is not None:
         yield rt.vm
         return

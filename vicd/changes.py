@@ -200,7 +200,7 @@ async def commit(engine: Engine, ref: str, repo: str, tag: str, comment: str, au
     tmp = Path(tempfile.mkstemp(dir=engine.images.tmp, suffix=".commit")[1])
     try:
         async with container_vm(engine, c) as vm:
-            frozen = pause and c.state.running
+            frozen = pause and c.state.status == "running"  # a paused one is frozen already
             if frozen:
                 await vm.freeze(True)
             try:

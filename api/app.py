@@ -21,6 +21,8 @@ MIN_API_VERSION = "1.24"
 SERVER = f"vicd/{__version__} (linux)"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID = web.RequestKey("request_id", str)
+REQUEST_API_VERSION = web.RequestKey("api_version", tuple)
 _request_ids = itertools.count(1)
 
 
@@ -31,7 +33,7 @@ def version_tuple(v: str) -> tuple[int, int]:
 
 def api_version(request: web.Request) -> tuple[int, int]:
     """The API version the client named in the path (the newest when it named none)."""
-    return request.get("api_version", version_tuple(API_VERSION))
+    return request.get(REQUEST_API_VERSION, version_tuple(API_VERSION))
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -47,13 +49,13 @@ def error_response(message: str, status: int) -> web.Response:
 @web.middleware
 async def errors_and_versions(request: web.Request, handler: Handler) -> web.StreamResponse:
     rid = f"{next(_request_ids):06d}"
-    request["request_id"] = rid
+    request[REQUEST_ID] = rid
     t0 = time.monotonic()
     status = 500
     try:
         version = request.match_info.get("version")
         if version is not None:
-            request["api_version"] = _check_version(version)
+            request[REQUEST_API_VERSION] = _check_version(version)
         resp = await handler(request)
         status = resp.status
         return resp

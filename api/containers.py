@@ -198,9 +198,9 @@ async def attach(request: web.Request) -> web.StreamResponse:
                 await stream.write(encode_output(s, d, tty))
             if not q_bool(request, "stream", True):
                 stream.close()
-                return request["hijacked"]
+                return stream.response
             await _pump(engine, c, att, stream, want_stdin, tty)
-            return request["hijacked"]
+            return stream.response
         resp = web.StreamResponse(status=200, headers={"Content-Type": ctype})
         await resp.prepare(request)
         for s, d in backlog:

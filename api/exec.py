@@ -68,7 +68,7 @@ async def exec_start(request: web.Request) -> web.StreamResponse:
         if stream is not None:
             stream.close()
     if stream is not None:
-        return request["hijacked"]
+        return stream.response
     with contextlib.suppress(ConnectionError):
         await resp.write_eof()
     return resp

@@ -12,7 +12,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 
-from aiohttp import web
+from aiohttp import http_parser, web, web_protocol
+
+# aiohttp's C parser (llhttp) does not treat `Upgrade: tcp` as an upgrade:
+# bytes the client sends right behind the request (stdin before `start`)
+# would be parsed as a next request and lost. The pure-Python parser hands
+# them over as the upgrade tail, so the server uses that one. (Checked on
+# aiohttp 3.14; tests/test_api_layer.py fails if this stops holding.)
+web_protocol.HttpRequestParser = http_parser.HttpRequestParserPy  # type: ignore[misc]
 
 RAW_STREAM = "application/vnd.docker.raw-stream"
 MULTIPLEXED_STREAM = "application/vnd.docker.multiplexed-stream"
@@ -21,8 +28,11 @@ MULTIPLEXED_STREAM = "application/vnd.docker.multiplexed-stream"
 class HijackedStream(asyncio.Protocol):
     """Both directions of a hijacked connection as plain async calls."""
 
-    def __init__(self, transport: asyncio.Transport, tail: bytes) -> None:
+    def __init__(self, transport: asyncio.Transport, tail: bytes,
+                 response: web.StreamResponse) -> None:
         self.transport = transport
+        # What the handler returns to aiohttp once the stream is done.
+        self.response = response
         self.incoming: asyncio.Queue[bytes | None] = asyncio.Queue()
         self.lost = asyncio.Event()
         self._can_write = asyncio.Event()
@@ -88,8 +98,7 @@ async def hijack(
     tail = getattr(proto, "_message_tail", b"") or b""
     if tail:
         proto._message_tail = b""  # type: ignore[union-attr]
-    stream = HijackedStream(transport, tail)
+    stream = HijackedStream(transport, tail, resp)
     transport.set_protocol(stream)
     transport.resume_reading()
-    request["hijacked"] = resp
     return stream

@@ -86,6 +86,10 @@ def _release_volumes(engine: Engine, c: Container) -> None:
 
 
 async def _start_held(engine: Engine, c: Container) -> VM:
+    if not getattr(engine.backend, "supports_hold", False):
+        # Booting it would run the container's process: refuse instead.
+        raise Conflict(f"Container {c.id} is not running: the {engine.backend.name} backend "
+                       "serves a container's files only while it runs")
     spec = await engine._vm_spec(c)
     spec.hold = True
     spec.ephemeral = False
@@ -103,6 +107,12 @@ async def _start_held(engine: Engine, c: Container) -> VM:
     return vm
 
 
+def _need(vm: VM, op: str) -> None:
+    if not hasattr(vm, op):
+        raise VicdError("this backend's VMs do not serve container files (docker cp, export, "
+                        "diff, commit)")
+
+
 def check_path(path: str | None) -> str:
     if not path:
         raise InvalidParameter("Path cannot be empty")
@@ -112,6 +122,7 @@ def check_path(path: str | None) -> str:
 async def stat(engine: Engine, ref: str, path: str) -> dict[str, Any]:
     c = engine.get(ref)
     async with container_vm(engine, c) as vm:
+        _need(vm, "stat_path")
         try:
             return await vm.stat_path(path)
         except GuestPathError as e:
@@ -124,6 +135,7 @@ async def get(engine: Engine, ref: str, path: str
     """The stat and the tar stream; the VM stays up while the caller reads."""
     c = engine.get(ref)
     async with container_vm(engine, c) as vm:
+        _need(vm, "get_archive")
         try:
             st, data = await vm.get_archive(path)
         except GuestPathError as e:
@@ -147,6 +159,7 @@ async def put(engine: Engine, ref: str, path: str, data: AsyncIterator[bytes],
     async with container_vm(engine, c) as vm:
         try:
             # docker cp -a: the container's user owns the files (dockerd's tarCopyOptions).
+            _need(vm, "put_archive")
             owner = (c.config.get("User") or "") if copy_uid_gid else ""
             await vm.put_archive(path, data, no_overwrite_dir_non_dir, owner)
         except GuestPathError as e:
@@ -160,6 +173,7 @@ async def export(engine: Engine, ref: str) -> AsyncIterator[AsyncIterator[bytes]
     c = engine.get(ref)
     excludes = [m["Destination"] for m in c.mounts]
     async with container_vm(engine, c) as vm:
+        _need(vm, "get_archive")
         _, data = await vm.get_archive("/", rebase="", excludes=excludes)
         try:
             yield data

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vicd.archive import container_vm
+from vicd.archive import _need, container_vm
 from vicd.container import Container
 from vicd.errors import Conflict, InvalidParameter
 from vicd.image_store import (
@@ -175,6 +175,7 @@ async def _container_listing(vm: Any, extra: list[str]) -> dict[str, Entry]:
 
 
 async def _changes(engine: Engine, c: Container, vm: Any) -> list[tuple[str, int]]:
+    _need(vm, "get_archive")
     extra = [m["Destination"] for m in c.mounts]
     ctr = await _container_listing(vm, extra)
     image = await asyncio.to_thread(image_listing, engine.images, c.image_id)

@@ -213,6 +213,9 @@ def _process_fields(spec: ProcessSpec) -> dict[str, Any]:
 
 class MicroVMBackend:
     name = "microvm"
+    # VMSpec.hold is honoured: a stopped container's files are served by a VM
+    # that starts no process (vicd/archive.py).
+    supports_hold = True
 
     def __init__(self, config: Config) -> None:
         self.config = config

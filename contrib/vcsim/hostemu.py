@@ -4,7 +4,8 @@ vcsim only keeps inventory. This watches it (PropertyCollector, like the
 daemon) and, for every container VM (extraConfig ``vicd.id``) powered on,
 boots the same microVM the embedded backend uses (plugins/microvm/qemu.py:
 the guest from .cache/guest, the container's disk as a qcow2 overlay over
-the image's ext4 named in ``vicd.image_disk``). The guest's channel connects
+the image's VMDK uploaded to the datastore, ``vicd.image_vmdk``; else
+the daemon's local ext4, ``vicd.image_disk``). The guest's channel connects
 where the VM's VirtualSerialPort URI points (``tcp://host:port``, QEMU as
 the client, reconnecting like ESXi does), and the kernel command line tells
 the tether its id (on ESXi: guestinfo). When the guest ends, the simulated
@@ -30,6 +31,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from pyVmomi import vim
+
 from vicd.plugins.microvm.qemu import QemuProcess, VMFiles, build_cmdline
 from vicd.plugins.microvm.qmp import QMP, QMPError
 from vicd.plugins.vsphere.client import VimClient
@@ -52,6 +54,7 @@ class HostEmu:
         self.paused: set[str] = set()
         self.stopping: set[str] = set()
         self.booting: set[str] = set()
+        self.booted_for: dict[str, str] = {}  # VM id -> the bootTime its microVM serves
         self.view: FolderView | None = None
 
     async def run(self) -> None:
@@ -70,30 +73,47 @@ class HostEmu:
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        while not stop.is_set():
+            # A safety net for updates lost over session expiry or reconnects
+            # (reads the view only: no SOAP).
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 1)
+            for moid, st in list(self.view.vms.items()):
+                if st.container_id:
+                    self._reconcile(moid)
         self.kill_all()
 
     def _changed(self, kind: str, before: VMState | None, after: VMState | None) -> None:
         st = after or before
-        if st is None or not st.container_id:
-            return
-        moid = st.moid
+        if st is not None and st.container_id:
+            self._reconcile(st.moid)
+
+    def _reconcile(self, moid: str) -> None:
+        """Make the microVM match the VM's newest state. Events may be stale or
+        coalesced, so act on the view, and tell power-ons apart by bootTime."""
+        st = self.view.vms.get(moid) if self.view else None
         q = self.qemus.get(moid)
-        if kind == "leave":
+        if st is None:
             if q:
                 self._kill(moid)
-            shutil.rmtree(self.work / moid, ignore_errors=True)
+            elif moid not in self.booting:
+                shutil.rmtree(self.work / moid, ignore_errors=True)
             return
-        assert after is not None
-        if after.power == "poweredOn":
-            if q is None and moid not in self.booting:
-                self.booting.add(moid)  # now: more events may come before _boot runs
-                asyncio.ensure_future(self._boot(after))
+        boot_id = str(st.raw.get("summary.runtime.bootTime"))
+        if st.power == "poweredOn":
+            if q is None:
+                if moid not in self.booting and self.booted_for.get(moid) != boot_id:
+                    self.booting.add(moid)  # now: more events may come before _boot runs
+                    self.booted_for[moid] = boot_id
+                    asyncio.ensure_future(self._boot(st))
+            elif self.booted_for.get(moid) != boot_id:
+                self._kill(moid)  # powered off and on again meanwhile: a fresh boot
             elif moid in self.paused:
                 asyncio.ensure_future(self._qmp(moid, "cont"))
-        elif after.power == "suspended" and q is not None and moid not in self.paused:
-            asyncio.ensure_future(self._qmp(moid, "stop"))
-        elif after.power == "poweredOff" and q is not None:
+        elif st.power == "suspended":
+            if q is not None and moid not in self.paused:
+                asyncio.ensure_future(self._qmp(moid, "stop"))
+        elif q is not None:
             self._kill(moid)
 
     def _kill(self, moid: str) -> None:
@@ -116,31 +136,40 @@ class HostEmu:
             self.paused.add(moid)
         else:
             self.paused.discard(moid)
+        self._reconcile(moid)
 
     async def _boot(self, st: VMState) -> None:
         moid = st.moid
         try:
-            await self._boot_vm(st)
+            if not await self._boot_vm(st):
+                self.booted_for.pop(moid, None)  # not ready (devices lag): the next event retries
         finally:
             self.booting.discard(moid)
 
-    async def _boot_vm(self, st: VMState) -> None:
+    async def _boot_vm(self, st: VMState) -> bool:
         moid = st.moid
         if self.view is not None:
             st = self.view.vms.get(moid, st)  # the newest picture, not the event's
         files = VMFiles(self.work / moid)
         files.dir.mkdir(parents=True, exist_ok=True)
-        image = st.extra.get("vicd.image_disk", "")
+        # The base disk: the VMDK uploaded to the datastore, as on ESXi; else the
+        # daemon's local copy of the image.
+        image, fmt = st.extra.get("vicd.image_disk", ""), "raw"
+        vmdk = st.extra.get("vicd.image_vmdk", "")
+        if vmdk:
+            local = await asyncio.to_thread(self._datastore_file, vmdk)
+            if local is not None and local.exists():
+                image, fmt = str(local), "vmdk"
         if not files.root_disk.exists():
-            r = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+            r = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b",
                                 image, str(files.root_disk)], capture_output=True, text=True)
             if r.returncode != 0:
                 log.error("hostemu: %s: cannot make the disk: %s", moid, r.stderr.strip())
-                return
+                return False
         uri = _serial_uri(st.raw.get("config.hardware.device"))
         if not uri:
-            log.error("hostemu: %s has no network serial port", moid)
-            return
+            log.warning("hostemu: %s has no network serial port (yet)", moid)
+            return False
         u = urlsplit(uri)
         mem = min(max(int(st.raw.get("config.hardware.memoryMB") or 256), 128), 2048)
         cpus = min(max(int(st.raw.get("config.hardware.numCPU") or 1), 1), 2)
@@ -166,15 +195,39 @@ class HostEmu:
         self.qemus.pop(moid, None)
         if moid in self.stopping:
             self.stopping.discard(moid)
-            return
+            self._reconcile(moid)
+            return True
         # The guest powered itself off: so does the VM.
-        log.info("hostemu: %s guest ended; powering the VM off", moid)
+        try:
+            tail = files.console.read_text(errors="replace")[-300:].strip()
+        except OSError:
+            tail = ""
+        log.info("hostemu: %s guest ended; powering the VM off (console: ...%s)", moid,
+                 tail.replace("\n", " | "))
         vm = vim.VirtualMachine(moid, self.client.si._stub)
         try:
             await asyncio.to_thread(
                 lambda: self.client.wait_task(self.client.call(vm.PowerOffVM_Task)))
         except Exception as e:  # noqa: BLE001 - the VM may be gone or off already
             log.info("hostemu: power off %s: %s", moid, type(e).__name__)
+        self._reconcile(moid)
+        return True
+
+    def _datastore_file(self, ds_path: str) -> Path | None:
+        """``[ds] path`` to a local file: vcsim's datastores are local directories."""
+        name, _, rel = ds_path.partition("] ")
+        name = name.lstrip("[")
+        c = self.client
+        view = c.call(lambda: c.content.viewManager.CreateContainerView(
+            c.content.rootFolder, [vim.Datastore], True))
+        try:
+            for ds in view.view:
+                p = c.props(ds, ["name", "info.url"])
+                if p.get("name") == name and p.get("info.url"):
+                    return Path(p["info.url"]) / rel
+        finally:
+            view.Destroy()
+        return None
 
     def kill_all(self) -> None:
         for q in self.qemus.values():

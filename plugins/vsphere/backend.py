@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pyVmomi import vim, vmodl
+
+from vicd.backend import GuestStats, OutputSink, ProcessSpec, StartError, VMSpec
+from vicd.config import Config
 from vicd.plugins.microvm.tether import STDIN, STDIN_CLOSE, Channel, TetherConnection, TetherError
 from vicd.plugins.vsphere.client import (
     CONNECTION_ERRORS,
@@ -38,12 +41,10 @@ from vicd.plugins.vsphere.client import (
     VSphereError,
     fault_message,
 )
+from vicd.plugins.vsphere.datastore import DatastoreFiles
 from vicd.plugins.vsphere.serial import SerialListener
 from vicd.plugins.vsphere.settings import VSphereSettings
 from vicd.plugins.vsphere.view import FolderView, VMState
-
-from vicd.backend import GuestStats, OutputSink, ProcessSpec, StartError, VMSpec
-from vicd.config import Config
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,6 +65,7 @@ class Infra:
     folder: Any
     pool: Any
     datastore: Any
+    ds_name: str
     network: Any
     template: Any
     snapshot: Any
@@ -206,6 +208,7 @@ class VSphereBackend:
         self.client = VimClient(self.settings, "main")
         self.view_client = VimClient(self.settings, "view")
         self.listener = SerialListener(self.settings.serial_listen)
+        self.files = DatastoreFiles(self.client, config.data_root / "vsphere" / "images")
         self.view: FolderView | None = None
         self.infra: Infra | None = None
         self.instant: bool | None = None if self.settings.clone == "auto" else (
@@ -271,6 +274,7 @@ class VSphereBackend:
             "vms": sum(1 for st in view.values() if st.container_id),
             "soap_calls": self.client.calls,
             "soap_calls_view": self.view_client.calls,
+            "datastore_http_calls": self.files.http_calls,
             "logins": self.client.logins,
         }
 
@@ -303,7 +307,8 @@ class VSphereBackend:
         if not isinstance(template, vim.VirtualMachine):
             raise VSphereError(f"vsphere: template VM {s.template!r} not found in "
                                f"{s.datacenter}/vm")
-        tp = c.props(template, ["snapshot", "config.hardware.device", "resourcePool"])
+        tp = c.props(template, ["snapshot", "config.hardware.device", "resourcePool",
+                                "datastore"])
         if s.cluster:
             compute = c.by_path(self._dc_path("host", s.cluster))
             if compute is None:
@@ -322,6 +327,9 @@ class VSphereBackend:
             datastore = c.by_path(self._dc_path("datastore", s.datastore))
             if not isinstance(datastore, vim.Datastore):
                 raise VSphereError(f"vsphere: datastore {s.datastore!r} not found")
+        ds_name = s.datastore
+        if not ds_name and tp.get("datastore"):
+            ds_name = str(c.props(tp["datastore"][0], ["name"]).get("name", ""))
         network = None
         if s.network:
             network = c.by_path(self._dc_path("network", s.network))
@@ -339,8 +347,8 @@ class VSphereBackend:
             task = c.call(lambda: template.CreateSnapshot_Task(
                 "vicd-base", "base of vicd's linked clones", False, False))
             snapshot = c.wait_task(task)
-        return Infra(gen, dc, vm_folder, folder, pool, datastore, network, template, snapshot,
-                     serial_key, nic)
+        return Infra(gen, dc, vm_folder, folder, pool, datastore, ds_name, network, template,
+                     snapshot, serial_key, nic)
 
     def _ensure_child(self, parent: Any, name: str, create: Callable[[], Any]) -> Any:
         found = self.client.find_child(parent, name)
@@ -423,6 +431,9 @@ class VSphereBackend:
             return st.moid  # a retried create: the VM is there already
         name = self.vm_name(spec)
         extra = self._extra(spec)
+        if infra.ds_name:
+            extra["vicd.image_vmdk"] = self.files.ensure_image(
+                spec.image_id, spec.image_disk, self.settings.datacenter, infra.ds_name)
         if self.instant is not False:
             try:
                 parent = self._ensure_parent(infra, spec.cpus, spec.memory_mb)
@@ -654,7 +665,7 @@ class VSphereBackend:
             code = st.extra.get("guestinfo.vicd.exit_code") or st.extra.get("vicd.exit_code")
             state: dict[str, Any] = {"status": "created"}
             if st.power != OFF:
-                boot = st.raw.get("runtime.bootTime")
+                boot = st.raw.get("summary.runtime.bootTime")
                 state = {"status": "paused" if st.power == SUSPENDED else "running",
                          "started_at": _rfc3339(boot.timestamp() if boot else time.time())}
                 rec["has_been_started"] = True
@@ -708,7 +719,12 @@ class VSphereBackend:
             return
         vm = self.vms.get(cid)
         if kind == "leave" or (after is not None and after.power == OFF):
-            if vm is not None and vm.moid == (after or before).moid and not vm.off.done():
+            # Events reach the loop late: trust the view's newest state, so a
+            # stale power-off cannot end a VM that was started again.
+            now = self.view.vms.get((after or before).moid) if self.view else None
+            gone = now is None or now.power == OFF
+            if (gone and vm is not None and vm.moid == (after or before).moid
+                    and not vm.off.done()):
                 vm.off.set_result(None)
         if kind == "leave" and cid not in self.removing and self.removed_callback:
             log.info("container %s: its VM was destroyed outside vicd", cid[:12])

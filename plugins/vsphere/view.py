@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pyVmomi import vim, vmodl
+
 from vicd.plugins.vsphere.client import CONNECTION_ERRORS, VimClient, fault_message
 
 log = logging.getLogger(__name__)
 
-PROPS = ["name", "runtime.powerState", "runtime.bootTime", "config.extraConfig",
+PROPS = ["name", "runtime.powerState", "summary.runtime.bootTime", "config.extraConfig",
          "config.annotation"]
 WAIT_SECONDS = 10
 
@@ -179,7 +180,8 @@ class FolderView:
                 before = old.get(moid)
                 if before is None:
                     self._emit("enter", None, st)
-                elif before.power != st.power or before.extra != st.extra:
+                elif (before.power != st.power or before.extra != st.extra
+                      or before.raw != st.raw):
                     self._emit("modify", before, st)
         self.synced.set()
 

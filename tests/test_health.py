@@ -57,6 +57,7 @@ def test_health_flags_status_events_filter(vicd: Vicd):
             capture_output=True, text=True, timeout=30,
             env={"DOCKER_HOST": vicd.host, "PATH": "/usr/bin:/bin"}).stdout.splitlines()
         assert "health_status: healthy" in ev and "health_status: unhealthy" in ev
+        assert "exec_start: /bin/sh -c cat /tmp/ok" in ev and "exec_die" in ev
         r = vicd.docker("ps", "--filter", "health=bogus", check=False)
         assert r.returncode != 0 and "Unrecognised filter value for health" in r.stderr
     finally:

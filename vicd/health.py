@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from vicd.backend import ProcessSpec, StartError
 from vicd.container import Container
+from vicd.names import new_id
 from vicd.timefmt import rfc3339_now
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ async def _loop(engine: Engine, c: Container, hc: dict[str, Any]) -> None:
             vm = engine.rt(c).vm
             if vm is None:
                 return
-            result = await _probe(vm, c, hc, timeout)
+            result = await _probe(engine, vm, c, hc, timeout)
             _record(engine, c, result, retries, loop.time() - started < start_period)
     except asyncio.CancelledError:
         raise
@@ -110,7 +111,7 @@ async def _loop(engine: Engine, c: Container, hc: dict[str, Any]) -> None:
         log.exception("container %s: health monitor failed", c.short_id)
 
 
-async def _probe(vm: Any, c: Container, hc: dict[str, Any], timeout: float
+async def _probe(engine: Engine, vm: Any, c: Container, hc: dict[str, Any], timeout: float
                  ) -> dict[str, Any]:
     out = bytearray()
 
@@ -119,13 +120,18 @@ async def _probe(vm: Any, c: Container, hc: dict[str, Any], timeout: float
             out.extend(data[: MAX_OUTPUT - len(out)])
 
     begin = rfc3339_now()
-    spec = ProcessSpec(args=_argv(hc["Test"]), env=list(c.config.get("Env") or []),
+    argv = _argv(hc["Test"])
+    spec = ProcessSpec(args=argv, env=list(c.config.get("Env") or []),
                        cwd=c.config.get("WorkingDir") or "/", user=c.config.get("User") or "")
+    # dockerd runs probes as execs and reports them as such.
+    exec_id, cmd, attrs = new_id(), " ".join(argv), engine._attrs(c)
+    engine.events.publish("container", f"exec_create: {cmd}", c.id, execID=exec_id, **attrs)
     try:
         proc = await vm.exec(spec, sink)
     except StartError as e:
         return {"Start": begin, "End": rfc3339_now(), "ExitCode": e.exit_code,
                 "Output": e.message}
+    engine.events.publish("container", f"exec_start: {cmd}", c.id, execID=exec_id, **attrs)
     try:
         code = await asyncio.wait_for(proc.wait(), timeout)
     except TimeoutError:
@@ -133,6 +139,8 @@ async def _probe(vm: Any, c: Container, hc: dict[str, Any], timeout: float
             await proc.signal(signal.SIGKILL)
         return {"Start": begin, "End": rfc3339_now(), "ExitCode": -1,
                 "Output": f"Health check exceeded timeout ({_fmt(timeout)})"}
+    engine.events.publish("container", "exec_die", c.id, execID=exec_id, exitCode=str(code),
+                          **attrs)
     return {"Start": begin, "End": rfc3339_now(), "ExitCode": code,
             "Output": out.decode(errors="replace")}
 

@@ -222,6 +222,7 @@ ANSWERS = [
     ("exec-done", "/exec/{exec_done}/json", "/exec/{id}/json", {}),
     ("system-df", "/system/df", "/system/df", {}),
     ("top", "/containers/{run}/top", "/containers/{id}/top", {}),
+    ("top-aux", "/containers/{run}/top", "/containers/{id}/top", {"ps_args": "aux"}),
 ]
 
 # --- the tests ---------------------------------------------------------------------------------

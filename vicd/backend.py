@@ -124,11 +124,12 @@ class VM(Protocol):
 
     async def get_archive(self, path: str, rebase: str | None = None,
                           excludes: list[str] | None = None, listing: bool = False,
-                          only: list[str] | None = None,
+                          only: list[str] | None = None, only_trees: list[str] | None = None,
                           ) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
         """The stat and a tar stream of the path (docker's containerArchivePath).
         ``listing``: JSON lines {p, m, s, t, u, g, l} instead of a tar (diff);
-        ``only``: just these container paths, directories not recursively (commit)."""
+        ``only``: just these container paths, directories not recursively, and
+        all of ``only_trees`` (commit)."""
         ...
 
     async def freeze(self, frozen: bool) -> None:

@@ -206,8 +206,9 @@ async def commit(engine: Engine, ref: str, repo: str, tag: str, comment: str, au
                 await vm.freeze(True)
             try:
                 found = await _changes(engine, c, vm)
-                only = [p for p, k in found if k != DELETED]
-                _, data = await vm.get_archive("/", rebase="", only=only)
+                only, trees = _layer_paths(found)
+                _, data = await vm.get_archive("/", rebase="", only=only, only_trees=trees,
+                                               excludes=[m["Destination"] for m in c.mounts])
                 with open(tmp, "wb") as f:
                     async for chunk in data:
                         f.write(chunk)
@@ -225,6 +226,24 @@ async def commit(engine: Engine, ref: str, repo: str, tag: str, comment: str, au
                           imageRef=f"{repo}:{tag or 'latest'}" if repo else "",
                           **engine._attrs(c))
     return image_id
+
+
+def _layer_paths(found: list[tuple[str, int]]) -> tuple[list[str], list[str]]:
+    """The paths for the guest to archive: an added directory goes as a whole tree
+    (everything below it is added too), so the request stays small."""
+    added = {p for p, k in found if k == ADDED}
+    has_added_child = {os.path.dirname(p) for p in added}
+    only, trees = [], []
+    for p, k in found:
+        if k == DELETED:
+            continue
+        d, inside = os.path.dirname(p), False
+        while d not in ("/", "") and not inside:
+            inside, d = d in added, os.path.dirname(d)
+        if inside:
+            continue
+        (trees if k == ADDED and p in has_added_child else only).append(p)
+    return only, trees
 
 
 def _layer_with_whiteouts(src: Path, deleted: list[str]) -> Path:

@@ -42,7 +42,7 @@ async def stat_path(vm: MicroVM, path: str) -> dict[str, Any]:
 
 async def get_archive(vm: MicroVM, path: str, rebase: str | None = None,
                       excludes: list[str] | None = None, listing: bool = False,
-                      only: list[str] | None = None,
+                      only: list[str] | None = None, only_trees: list[str] | None = None,
                       ) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
     chan = vm.next_chan
     vm.next_chan += 1
@@ -68,6 +68,8 @@ async def get_archive(vm: MicroVM, path: str, rebase: str | None = None,
         fields["listing"] = True
     if only is not None:
         fields["only"] = only
+    if only_trees:
+        fields["only_trees"] = only_trees
     try:
         reply = await vm.conn.request("archive_get", timeout=60, **fields)
     except TetherError as e:

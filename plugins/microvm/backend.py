@@ -151,9 +151,10 @@ class MicroVM:
 
     async def get_archive(self, path: str, rebase: str | None = None,
                           excludes: list[str] | None = None, listing: bool = False,
-                          only: list[str] | None = None,
+                          only: list[str] | None = None, only_trees: list[str] | None = None,
                           ) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
-        return await archive.get_archive(self, path, rebase, excludes, listing, only)
+        return await archive.get_archive(self, path, rebase, excludes, listing, only,
+                                         only_trees)
 
     async def freeze(self, frozen: bool) -> None:
         """Stop (SIGSTOP) or continue every container process (commit --pause)."""

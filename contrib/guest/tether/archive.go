@@ -156,7 +156,7 @@ func (t *tether) archiveGet(req *request) (map[string]any, func(), error) {
 		if req.Listing {
 			err = writeListing(w, srcDir, srcBase, req.Excludes)
 		} else {
-			err = writeTarOnly(w, srcDir, srcBase, rebase, req.Excludes, req.Only)
+			err = writeTarOnly(w, srcDir, srcBase, rebase, req.Excludes, req.Only, req.OnlyTrees)
 		}
 		if err == nil {
 			err = w.flush()
@@ -208,22 +208,27 @@ func (w *chanWriter) flush() error {
 // tether's kernel filesystems (/proc, /sys, /dev) are archived as empty
 // directories.
 func writeTar(out io.Writer, srcDir, srcBase, rebase string, excludes []string) error {
-	return writeTarOnly(out, srcDir, srcBase, rebase, excludes, nil)
+	return writeTarOnly(out, srcDir, srcBase, rebase, excludes, nil, nil)
 }
 
 // writeTarOnly is writeTar; with only (container paths), just those
-// entries are archived (directories not recursively): a commit's layer.
-func writeTarOnly(out io.Writer, srcDir, srcBase, rebase string, excludes, only []string) error {
+// entries are archived (directories not recursively), and the whole of
+// the trees: a commit's layer.
+func writeTarOnly(out io.Writer, srcDir, srcBase, rebase string, excludes, only, trees []string) error {
 	var want, ancestors map[string]bool
-	if only != nil {
+	if only != nil || trees != nil {
 		want, ancestors = map[string]bool{}, map[string]bool{containerRoot: true}
-		for _, o := range only {
+		for _, o := range append(append([]string(nil), only...), trees...) {
 			p := filepath.Join(containerRoot, filepath.Clean("/"+o))
 			want[p] = true
 			for d := filepath.Dir(p); len(d) > len(containerRoot); d = filepath.Dir(d) {
 				ancestors[d] = true
 			}
 		}
+	}
+	treeSet := map[string]bool{}
+	for _, t := range trees {
+		treeSet[filepath.Join(containerRoot, filepath.Clean("/"+t))] = true
 	}
 	tw := tar.NewWriter(out)
 	inodes := map[[2]uint64]string{}
@@ -270,7 +275,7 @@ func writeTarOnly(out io.Writer, srcDir, srcBase, rebase string, excludes, only 
 		if fi.Mode()&(os.ModeSocket) != 0 {
 			return nil // dockerd skips sockets too
 		}
-		if want != nil && !want[p] {
+		if want != nil && !want[p] && !underAny(p, treeSet) {
 			if fi.IsDir() && !ancestors[p] && p != start {
 				return filepath.SkipDir
 			}
@@ -624,4 +629,17 @@ func freeze(frozen bool) (map[string]any, error) {
 		return nil, err
 	}
 	return map[string]any{}, nil
+}
+
+// underAny: p lies below one of the trees.
+func underAny(p string, trees map[string]bool) bool {
+	if len(trees) == 0 {
+		return false
+	}
+	for d := filepath.Dir(p); len(d) > len(containerRoot); d = filepath.Dir(d) {
+		if trees[d] {
+			return true
+		}
+	}
+	return false
 }

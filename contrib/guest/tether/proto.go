@@ -176,6 +176,7 @@ type request struct {
 	NoOverwriteDirNonDir bool     `json:"no_overwrite_dir_non_dir"`
 	Listing              bool     `json:"listing"`
 	Only                 []string `json:"only"`
+	OnlyTrees            []string `json:"only_trees"`
 	Frozen               bool     `json:"frozen"`
 	ChownUser            string   `json:"chown_user"`
 }

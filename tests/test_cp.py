@@ -166,6 +166,22 @@ def test_cp_cannot_leave_the_container(vicd: Vicd, running: str, tmp_path: Path)
     assert r.returncode != 0 and "invalid hardlink" in r.stderr
 
 
+def test_export_stopped_imports_into_dockerd(vicd: Vicd, dockerd: RefDockerd,  # noqa: F811
+                                             tmp_path: Path):
+    name = _name("exp")
+    repo = f"exported-{uuid.uuid4().hex[:6]}"
+    vicd.docker("run", "--name", name, "busybox", "sh", "-c", "echo made > /made")
+    try:
+        out = tmp_path / "fs.tar"
+        vicd.docker("export", "-o", str(out), name)
+        dockerd.docker("import", str(out), repo)
+        r = dockerd.docker("run", "--rm", "--network", "none", repo, "cat", "/made")
+        assert r.stdout == "made\n"
+    finally:
+        vicd.docker("rm", "-f", name, check=False)
+        dockerd.docker("rmi", "-f", repo, check=False)
+
+
 def test_export(vicd: Vicd, running: str, tmp_path: Path):
     vicd.docker("exec", running, "sh", "-c", "echo exported > /root-file")
     out = tmp_path / "fs.tar"

@@ -24,6 +24,19 @@ def wait_until(pred, timeout: float = 30, what: str = "condition") -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _tar(files: dict[str, bytes]) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
 def ps_names(env: VSphereEnv, *args: str) -> dict[str, str]:
     out = env.vicd.docker("ps", *args, "--format", "{{.Names}}\t{{.Status}}").stdout
     return dict(line.split("\t", 1) for line in out.splitlines() if line)
@@ -67,6 +80,10 @@ def test_lifecycle_names_labels_logs_exec(vsphere: VSphereEnv) -> None:
     r = d.docker("exec", "life", "sh", "-c", "exit 7", check=False)
     assert r.returncode == 7
     assert cid[:12] in d.docker("exec", "life", "cat", "/etc/hosts").stdout
+    # docker cp both ways (tether archive requests over the serial port).
+    d.docker("cp", "-", "life:/tmp", input=_tar({"hello.txt": b"copied in"}))
+    assert d.docker("exec", "life", "cat", "/tmp/hello.txt").stdout == "copied in"
+    assert "copied in" in d.docker("cp", "life:/tmp/hello.txt", "-").stdout
     # pause/unpause: the VM is suspended and powered on again; the process survives.
     d.docker("pause", "life")
     wait_until(lambda: admin.vm("life").runtime.powerState == "suspended", what="suspend")

@@ -106,10 +106,13 @@ class HostEmu:
                     self.booting.add(moid)  # now: more events may come before _boot runs
                     self.booted_for[moid] = boot_id
                     asyncio.ensure_future(self._boot(st))
-            elif self.booted_for.get(moid) != boot_id:
-                self._kill(moid)  # powered off and on again meanwhile: a fresh boot
-            elif moid in self.paused:
-                asyncio.ensure_future(self._qmp(moid, "cont"))
+            else:
+                # A running microVM is never rebooted on a new bootTime: that is
+                # also what a resume from suspended looks like (a power cycle
+                # always shows its power-off, which ends the microVM).
+                self.booted_for[moid] = boot_id
+                if moid in self.paused:
+                    asyncio.ensure_future(self._qmp(moid, "cont"))
         elif st.power == "suspended":
             if q is not None and moid not in self.paused:
                 asyncio.ensure_future(self._qmp(moid, "stop"))

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,6 +34,7 @@ from pyVmomi import vim, vmodl
 
 from vicd.backend import GuestStats, OutputSink, ProcessSpec, StartError, VMSpec
 from vicd.config import Config
+from vicd.plugins.microvm import archive
 from vicd.plugins.microvm.tether import STDIN, STDIN_CLOSE, Channel, TetherConnection, TetherError
 from vicd.plugins.vsphere.client import (
     CONNECTION_ERRORS,
@@ -163,6 +164,27 @@ class VSphereVM:
                           online_cpus=int(r.get("online_cpus", 1)), mem_total=total,
                           mem_used=max(total - avail, 0), mem_cache=int(r.get("mem_cache", 0)),
                           pids=int(r.get("pids", 0)))
+
+    # Archive ops (docker cp, export, diff) of a running container: the same
+    # tether requests as on microvm. A stopped container's VM cannot be held
+    # here (no supports_hold), so those are refused by the engine.
+    async def stat_path(self, path: str) -> dict[str, Any]:
+        return await archive.stat_path(self, path)  # type: ignore[arg-type]
+
+    async def get_archive(self, path: str, rebase: str | None = None,
+                          excludes: list[str] | None = None, listing: bool = False,
+                          only: list[str] | None = None,
+                          ) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
+        return await archive.get_archive(self, path, rebase, excludes, listing,  # type: ignore[arg-type]
+                                         only)
+
+    async def put_archive(self, path: str, data: AsyncIterator[bytes],
+                          no_overwrite_dir_non_dir: bool = False, chown_user: str = "") -> None:
+        await archive.put_archive(self, path, data, no_overwrite_dir_non_dir,  # type: ignore[arg-type]
+                                  chown_user)
+
+    async def freeze(self, frozen: bool) -> None:
+        await self.conn.request("freeze", frozen=frozen, timeout=10)
 
     async def pause(self) -> None:
         await self.backend.power(self.moid, "suspend")

@@ -24,6 +24,7 @@ from typing import TypeVar
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from refdockerd import DOCKER_CLI, RefDockerd, dockerd_available  # noqa: E402
+from vicd.testing import kill_vms, qemu_pids, stop_process, wait_for_ping  # noqa: E402
 
 __all__ = ["DOCKER_CLI", "GUEST_DIR", "NET", "REPO", "Daemon", "DockerdDaemon", "VicdDaemon",
            "busybox_rootfs", "build_guest", "dockerd_available", "fmt_mb", "fmt_s", "http_unix",
@@ -50,13 +51,6 @@ def http_unix(sock: Path, method: str, path: str, body: dict | None = None
     raw = b"".join(chunks)
     status = int(raw.split(b" ", 2)[1])
     return status, raw.partition(b"\r\n\r\n")[2]
-
-
-def _ping(sock: Path) -> bool:
-    try:
-        return http_unix(sock, "GET", "/_ping")[0] == 200
-    except OSError:
-        return False
 
 
 # --- the daemons -------------------------------------------------------------------------------
@@ -119,35 +113,15 @@ class VicdDaemon(Daemon):
         logf = open(self.log, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True,
                                      cwd=REPO)
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.log.read_text()[-3000:]}")
-            if _ping(self.sock):
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"{self.name} did not answer: {self.log.read_text()[-3000:]}")
+        wait_for_ping(self.proc, self.sock, self.log, self.name)
 
     def qemu_pids(self) -> dict[str, int]:
         """VM directory name (a container id prefix) -> QEMU pid, from the pid files."""
-        out = {}
-        for pidfile in self.data_root.glob("microvm/vms/*/qemu.pid"):
-            with contextlib.suppress(OSError, ValueError):
-                out[pidfile.parent.name] = int(pidfile.read_text().strip())
-        return out
+        return qemu_pids(self.data_root)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        # vicd's VMs outlive the daemon by design: kill every QEMU it started.
-        for pid in self.qemu_pids().values():
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
+        stop_process(self.proc, 30)
+        kill_vms(self.data_root)  # vicd's VMs outlive the daemon by design
         shutil.rmtree(self.base, ignore_errors=True)
 
 

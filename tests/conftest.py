@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,22 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from vicd.testing import kill_vms, stop_process, wait_for_ping
+
 REPO = Path(__file__).resolve().parent.parent
 GUEST_DIR = Path(os.environ.get("VICD_GUEST_DIR", REPO / ".cache" / "guest"))
 DOCKER = shutil.which("docker") or "/usr/local/bin/docker"
-
-
-def _ping(sock: Path) -> bool:
-    try:
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(1)
-        s.connect(str(sock))
-        s.sendall(b"GET /_ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = s.recv(100)
-        s.close()
-        return data.startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
 
 
 @dataclass
@@ -51,14 +39,7 @@ class Vicd:
         logf = open(self.log, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True,
                                      env={**os.environ, **(env or {})})
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vicd exited: {self.log.read_text()[-3000:]}")
-            if _ping(self.sock):
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"vicd did not answer: {self.log.read_text()[-3000:]}")
+        wait_for_ping(self.proc, self.sock, self.log, "vicd")
 
     def kill9(self) -> None:
         assert self.proc is not None
@@ -66,13 +47,7 @@ class Vicd:
         self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def docker(self, *args: str, input: bytes | None = None, check: bool = True,
                timeout: float = 180, env: dict[str, str] | None = None
@@ -93,11 +68,7 @@ class Vicd:
 
     def kill_vms(self) -> None:
         """Stop every QEMU this daemon started (they outlive the daemon by design)."""
-        for pidfile in self.data_root.glob("microvm/vms/*/qemu.pid"):
-            try:
-                os.kill(int(pidfile.read_text()), signal.SIGKILL)
-            except (OSError, ValueError):
-                pass
+        kill_vms(self.data_root)
 
 
 @pytest.fixture(scope="session")

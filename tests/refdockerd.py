@@ -13,30 +13,17 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from vicd.testing import stop_process, wait_for_ping
+
 DOCKERD = shutil.which("dockerd") or "/usr/sbin/dockerd"
 DOCKER_CLI = "/usr/local/bin/docker"
-
-
-def _ping(sock: Path) -> bool:
-    try:
-        s = socket.socket(socket.AF_UNIX)
-        s.settimeout(1)
-        s.connect(str(sock))
-        s.sendall(b"GET /_ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = s.recv(100)
-        s.close()
-        return data.startswith(b"HTTP/1.1 200")
-    except OSError:
-        return False
 
 
 def dockerd_available() -> bool:
@@ -66,15 +53,11 @@ class RefDockerd:
                "--pidfile", str(d / "pid")]
         logf = open(self.log, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"dockerd exited: {self.log.read_text()[-3000:]}")
-            if _ping(self.sock):
-                return
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"dockerd did not answer: {self.log.read_text()[-3000:]}")
+        try:
+            wait_for_ping(self.proc, self.sock, self.log, "dockerd", timeout)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def docker(self, *args: str, input: bytes | None = None, check: bool = True,
                timeout: float = 180, env: dict[str, str] | None = None
@@ -93,13 +76,7 @@ class RefDockerd:
 
     def stop(self) -> None:
         """Stop dockerd (it stops its containers and its managed containerd) and remove the dir."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+        stop_process(self.proc, 30)
         # Leftover containerd/shims in dockerd's session (normally none after a clean stop).
         if self.proc:
             try:

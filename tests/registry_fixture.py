@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from vicd.testing import stop_process
+
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 SKOPEO = shutil.which("skopeo") or "/usr/bin/skopeo"
 HTPASSWD = shutil.which("htpasswd") or "/usr/bin/htpasswd"
@@ -98,12 +100,7 @@ class Registry:
             self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc, 10)
 
     def blob_file(self, digest: str) -> Path:
         hexd = digest.split(":", 1)[1]

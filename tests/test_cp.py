@@ -281,3 +281,17 @@ def test_cp_paused_container(vicd: Vicd, tmp_path: Path):
         assert vicd.docker("exec", name, "cat", "/tmp/in").stdout == "while paused\n"
     finally:
         vicd.docker("rm", "-f", name, check=False)
+
+
+def test_cp_into_bind_mount_reaches_the_host(vicd: Vicd, tmp_path: Path):
+    host = tmp_path / "bound"
+    host.mkdir()
+    name = _name("cpbind")
+    vicd.docker("create", "--name", name, "-v", f"{host}:/b", "busybox", "ls", "/b")
+    try:
+        (tmp_path / "f").write_text("via cp\n")
+        vicd.docker("cp", str(tmp_path / "f"), f"{name}:/b/")  # stopped: a held VM
+        assert (host / "f").read_text() == "via cp\n"
+        assert vicd.docker("start", "-a", name).stdout == "f\n"
+    finally:
+        vicd.docker("rm", "-f", name, check=False)

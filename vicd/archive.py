@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vicd import container as cs
-from vicd.backend import VM, GuestPathError
+from vicd.backend import VM, BindSpec, GuestPathError
 from vicd.container import Container
 from vicd.errors import Conflict, InvalidParameter, NotFound, VicdError
 
@@ -94,6 +95,10 @@ async def _start_held(engine: Engine, c: Container) -> VM:
     spec.hold = True
     spec.ephemeral = False
     spec.disks = engine._attach_volumes(c)
+    # Bind mounts too, so a copy into a bound path reaches the host folder as it
+    # does while the container runs.
+    spec.binds = [BindSpec(Path(m["Source"]), m["Destination"], not m["RW"])
+                  for m in c.mounts if m.get("Type") == "bind"]
     vm = await engine.backend.start(spec, lambda _s, _d: None)
     # A new volume was copied up by the held guest: a later start must not again.
     for m in c.mounts:

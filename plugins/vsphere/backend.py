@@ -53,6 +53,7 @@ T = TypeVar("T")
 ON, OFF, SUSPENDED = "poweredOn", "poweredOff", "suspended"
 CHUNK = 4000  # extraConfig values stay well under vCenter's per-value limit
 RECORD_KEY = "vicd.record"
+VOLATILE = {"state", "restart_count", "stopped_by_user", "has_been_started", "exec_ids", "nic"}
 # Faults that say "this server has no InstantClone": fall back to linked clones.
 NO_INSTANT_CLONE = (vmodl.fault.MethodNotFound, vmodl.fault.NotSupported,
                     vmodl.fault.NotImplemented)
@@ -80,9 +81,10 @@ def _process_fields(spec: ProcessSpec) -> dict[str, Any]:
 
 
 def record_chunks(record: dict[str, Any]) -> dict[str, str]:
-    """The record as extraConfig values; its ``state`` is left out (derived on recovery
-    from the power state and exit code, so a state change costs no reconfigure)."""
-    data = {k: v for k, v in record.items() if k != "state"}
+    """The record as extraConfig values. What changes with every run (state,
+    exec ids, NIC, counters) is left out: recovery derives the state from the
+    power state and exit code, so only a rename costs a reconfigure at start."""
+    data = {k: v for k, v in record.items() if k not in VOLATILE}
     text = base64.b64encode(json.dumps(data, sort_keys=True).encode()).decode()
     parts = [text[i:i + CHUNK] for i in range(0, len(text), CHUNK)] or [""]
     out = {f"{RECORD_KEY}.n": str(len(parts))}

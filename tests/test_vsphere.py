@@ -198,3 +198,42 @@ def test_missing_template_is_a_clear_error(linked: VSphereEnv, tmp_path: Path) -
     assert "template VM 'no-such-template' not found" in str(e.value)
     assert PASSWORD not in str(e.value)
     assert subprocess.run(["true"]).returncode == 0
+
+
+def test_clone_retry_after_a_lost_answer_makes_no_duplicate(linked: VSphereEnv,
+                                                            tmp_path: Path) -> None:
+    # In-process against the simulator: the clone runs, its answer is lost
+    # (a dropped connection); the retry finds the VM by name instead of cloning again.
+    from pyVmomi import vim
+
+    from vicd.config import Config
+    from vicd.plugins.vsphere.backend import VSphereBackend
+
+    cfg = Config(data_root=tmp_path, plugins={"vsphere": {
+        "url": linked.url, "datacenter": "DC0", "cluster": "DC0_C0",
+        "template": "vicd-template", "folder": f"vicd-test-{linked.port}",
+        "resource_pool": f"vicd-test-{linked.port}", "serial_listen": "127.0.0.1:0"}})
+    b = VSphereBackend(cfg)
+    b.client.connect()
+    infra = b._infra_sync()
+    name, cid = "retry-0123456789ab", "retry-cid"
+    spec = vim.vm.CloneSpec(
+        location=vim.vm.RelocateSpec(pool=infra.pool), powerOn=False,
+        config=vim.vm.ConfigSpec(extraConfig=[vim.option.OptionValue(key="vicd.id", value=cid)]))
+    sent = []
+
+    def start() -> object:
+        task = infra.template.CloneVM_Task(folder=infra.folder, name=name, spec=spec)
+        sent.append(task)
+        if len(sent) == 1:
+            b.client.wait_task(task)
+            raise ConnectionResetError("the answer was lost")
+        return task
+
+    vm = b._clone(infra, name, cid, start)
+    assert len(sent) == 1 and vm is not None
+    # A second attempt with the same name is refused by the server and resolved to ours.
+    assert b._clone(infra, name, cid, lambda: infra.template.CloneVM_Task(
+        folder=infra.folder, name=name, spec=spec))._moId == vm._moId
+    assert [n for n in linked.admin().vms() if n == name] == [name]
+    b.client.close()

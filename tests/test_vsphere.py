@@ -112,6 +112,8 @@ def test_exit_codes(vsphere: VSphereEnv) -> None:
     assert d.inspect("ex3")["State"]["ExitCode"] == 3
     r = d.docker("run", "--rm", "busybox", "nosuchcommand", check=False)
     assert r.returncode == 127
+    r = d.docker("run", "--rm", "-v", "/tmp:/host", "busybox", "true", check=False)
+    assert r.returncode != 0 and "does not support volumes" in r.stderr
 
 
 def test_recover_ps_a_with_empty_data_root(vsphere: VSphereEnv, busybox_tar: Path) -> None:

@@ -141,3 +141,16 @@ def test_bad_requests_get_docker_errors(vicd: Vicd):
     status, body = req("POST", f"/v1.47/containers/{cid}/wait?condition=bogus")
     assert status == 400
     assert req("DELETE", f"/v1.47/containers/{cid}")[0] == 204
+
+
+def test_sigterm_restart_keeps_running_containers(fresh_vicd: Vicd):
+    d = fresh_vicd
+    d.docker("run", "-d", "--name", "survivor", "busybox", "sh", "-c",
+             "while true; do echo tick; sleep 0.3; done")
+    pid = d.inspect("survivor")["State"]["Pid"]
+    d.stop()  # SIGTERM: a clean daemon shutdown
+    d.start()  # at once: the old daemon's channel must already be free
+    st = d.inspect("survivor")["State"]
+    assert st["Running"] is True and st["Pid"] == pid
+    assert d.docker("exec", "survivor", "echo", "still-here").stdout == "still-here\n"
+    d.docker("rm", "-f", "survivor")

@@ -203,6 +203,12 @@ class Engine:
                 rt.monitor.cancel()
             if rt.log:
                 rt.log.flush_partial()
+            detach = getattr(rt.vm, "detach", None)
+            if detach is not None:
+                # Free each VM's channel now: the next daemon may connect
+                # before this one has finished closing its HTTP connections.
+                with contextlib.suppress(Exception):
+                    await detach()
 
     def log_path(self, c: Container) -> Any:
         return self.store.dir_for(c.id) / f"{c.id}-json.log"

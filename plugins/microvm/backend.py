@@ -12,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -191,10 +193,15 @@ class MicroVM:
         await self.close()
         return code
 
-    async def close(self) -> None:
+    async def detach(self) -> None:
+        """Let go of a VM that keeps running (daemon shutdown): the channel is
+        QEMU's to hand to the next daemon at once."""
         await self.conn.close()
         if self._qmp:
             self._qmp.close()
+
+    async def close(self) -> None:
+        await self.detach()
         if self.folders:
             self.folders.cleanup()
 
@@ -226,6 +233,7 @@ class MicroVMBackend:
         self.accel = "tcg"
         self.kernel_release = ""
         self.templates = TemplateStore(self.root / "templates", config.templates_max)
+        self.run_dir = _run_dir(config.data_root)
         self._prebuild: asyncio.Task[None] | None = None
 
     # --- setup ----------------------------------------------------------------
@@ -257,8 +265,8 @@ class MicroVMBackend:
             return
         for d in binds.iterdir():
             vm_dir = self.vms / d.name
-            if live_qemu_pid(VMFiles(vm_dir)) is None:
-                SharedFolders(d, vm_dir).cleanup()
+            if live_qemu_pid(VMFiles(vm_dir, self.run_dir)) is None:
+                SharedFolders(d, vm_dir, self.run_dir).cleanup()
 
     async def _choose_accel(self) -> str:
         want = self.config.accel
@@ -289,7 +297,7 @@ class MicroVMBackend:
         Nested KVM here crawls and then fails with an emulation error, so a
         short deadline decides; a working KVM answers well inside it.
         """
-        files = VMFiles(self.root / "kvm-probe")
+        files = VMFiles(self.root / "kvm-probe", self.run_dir)
         shutil.rmtree(files.dir, ignore_errors=True)
         files.dir.mkdir(parents=True)
         argv = self._argv(files, "kvm", 128, 1, [])
@@ -323,10 +331,12 @@ class MicroVMBackend:
     # --- per container -----------------------------------------------------------
 
     def files(self, cid: str) -> VMFiles:
-        return VMFiles(self.vms / cid[:16])
+        return VMFiles(self.vms / cid[:16], self.run_dir)
 
     def _folders(self, cid: str) -> SharedFolders:
-        return SharedFolders(self.root / "binds" / cid[:16], self.files(cid).dir)
+        files = self.files(cid)
+        return SharedFolders(self.root / "binds" / cid[:16], files.dir,
+                             files.run_dir or files.dir)
 
     def _argv(
         self,
@@ -506,7 +516,7 @@ class MicroVMBackend:
 
     async def _build_template(self, tmp: Path, shape: Shape) -> None:
         """Boot a guest to the tether's wait for ``run``, then save it without its RAM."""
-        files = VMFiles(tmp)
+        files = VMFiles(tmp, self.run_dir)
         placeholder = tmp / "slot0.qcow2"
         await _run(["qemu-img", "create", "-q", "-f", "qcow2", str(placeholder),
                     str(shape.root_slot_bytes)])
@@ -532,7 +542,7 @@ class MicroVMBackend:
             await conn.close()
             proc.kill()
             await proc.wait(5)
-        for path in [tmp / "ctl.sock", tmp / "qmp.sock", tmp / "qemu.pid", *tmp.glob("slot*")]:
+        for path in [files.ctl, files.qmp, tmp / "qemu.pid", *tmp.glob("slot*")]:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 
@@ -575,7 +585,8 @@ class MicroVMBackend:
         try:
             conn = await TetherConnection.connect(str(files.ctl), 5)
             channel = conn.open_channel(1, sink)
-            hello = await conn.request("hello", version=PROTOCOL_VERSION, timeout=10)
+            # A daemon that is still going away may hold the channel a little longer.
+            hello = await conn.request("hello", version=PROTOCOL_VERSION, timeout=30)
         except (TetherError, OSError) as e:
             log.warning("container %s: cannot reach its guest (%s); killing the VM",
                         container_id[:12], e)
@@ -610,7 +621,7 @@ class MicroVMBackend:
         if not self.vms.exists():
             return out
         for d in self.vms.iterdir():
-            files = VMFiles(d)
+            files = VMFiles(d, self.run_dir)
             if live_qemu_pid(files) is None:
                 continue
             try:
@@ -630,7 +641,19 @@ class MicroVMBackend:
 
     async def remove(self, container_id: str) -> None:
         await self.destroy(container_id)
+        files = self.files(container_id)
+        for sock in (files.ctl, files.qmp):
+            sock.unlink(missing_ok=True)
         shutil.rmtree(self.files(container_id).dir, ignore_errors=True)
+
+
+def _run_dir(data_root: Path) -> Path:
+    """A short folder for the VMs' sockets, stable for a data root across restarts."""
+    digest = hashlib.sha256(str(data_root.resolve()).encode()).hexdigest()[:12]
+    base = Path("/run/vicd") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir())
+    d = base / digest
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
 
 def _nic(spec: VMSpec) -> dict[str, Any] | None:

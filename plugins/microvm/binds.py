@@ -57,9 +57,10 @@ def _mounted_below(root: Path) -> list[str]:
 
 
 class SharedFolders:
-    def __init__(self, root: Path, vm_dir: Path) -> None:
+    def __init__(self, root: Path, vm_dir: Path, sock_dir: Path) -> None:
         self.root = root  # <data-root>/microvm/binds/<vm>
         self.vm_dir = vm_dir
+        self.sock_dir = sock_dir  # short, for AF_UNIX
 
     async def prepare(self, binds: list[BindSpec]) -> list[SharedFolder]:
         self.cleanup()
@@ -79,7 +80,7 @@ class SharedFolders:
             _mount("--bind", str(src), str(point))
             if b.read_only:
                 _mount("-o", "remount,bind,ro", str(point))
-            sock = self.vm_dir / f"vfs{n}.sock"
+            sock = self.sock_dir / f"{self.vm_dir.name}.vfs{n}"
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
             await self._virtiofsd(n, sock, stage)

@@ -24,17 +24,28 @@ BASE_CMDLINE = (
 
 @dataclass
 class VMFiles:
-    """Where one VM keeps its sockets, logs and disk. Paths stay short for AF_UNIX."""
+    """Where one VM keeps its sockets, logs and disk.
+
+    AF_UNIX paths are limited to 107 bytes, and a data root can be deep: with
+    ``run_dir`` the two sockets live there instead (a short folder per data
+    root under /run), named after the VM folder.
+    """
 
     dir: Path
+    run_dir: Path | None = None
+
+    def _sock(self, kind: str) -> Path:
+        if self.run_dir is None:
+            return self.dir / f"{kind}.sock"
+        return self.run_dir / f"{self.dir.name}.{kind}"
 
     @property
     def ctl(self) -> Path:
-        return self.dir / "ctl.sock"
+        return self._sock("ctl")
 
     @property
     def qmp(self) -> Path:
-        return self.dir / "qmp.sock"
+        return self._sock("qmp")
 
     @property
     def pidfile(self) -> Path:

@@ -24,12 +24,16 @@ import tarfile
 import tempfile
 import threading
 import time
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 
 CTRL, STDIN, STDOUT, STDERR, STDIN_CLOSE = 1, 2, 3, 4, 5
 MAGIC = b"VT"
+
+# A decoded control message (JSON object) or a request's config.
+Msg = dict[str, Any]
 
 
 def host_tsc_khz() -> int:
@@ -72,7 +76,7 @@ class Failure(Exception):
     pass
 
 
-def check(cond, what):
+def check(cond: object, what: str) -> None:
     if not cond:
         raise Failure(what)
     print(f"  ok  {what}")
@@ -81,21 +85,22 @@ def check(cond, what):
 class VM:
     """One guest: QEMU process plus a tether protocol client."""
 
-    def __init__(self, out, work, disk, khz):
+    def __init__(self, out: str, work: str, disk: str, khz: int) -> None:
         self.work = work
         os.makedirs(work, exist_ok=True)
         self.t0 = time.monotonic()
         self.proc = subprocess.Popen(qemu_cmd(out, work, disk, khz), stdin=subprocess.DEVNULL,
-                                     stdout=open(f"{work}/qemu.log", "wb"), stderr=subprocess.STDOUT)
+                                     stdout=open(f"{work}/qemu.log", "wb"),
+                                     stderr=subprocess.STDOUT)
         self.req = 0
-        self.replies: dict[int, dict] = {}
-        self.events: list[dict] = []
+        self.replies: dict[int, Msg] = {}
+        self.events: list[Msg] = []
         self.output: dict[tuple[int, int], bytearray] = {}
         self.cv = threading.Condition()
-        self.sock = None
+        self.sock: socket.socket  # set by connect()
         self.connect()
 
-    def connect(self):
+    def connect(self) -> None:
         path = f"{self.work}/ctl.sock"
         deadline = time.monotonic() + 10
         while True:
@@ -103,19 +108,19 @@ class VM:
                 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 s.connect(path)
                 break
-            except OSError:
+            except OSError as e:
                 s.close()
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise Failure(f"cannot connect to {path}")
+                    raise Failure(f"cannot connect to {path}") from e
                 time.sleep(0.005)
         self.sock = s
         threading.Thread(target=self._reader, args=(s,), daemon=True).start()
 
-    def disconnect(self):
+    def disconnect(self) -> None:
         self.sock.shutdown(socket.SHUT_RDWR)
         self.sock.close()
 
-    def _reader(self, s):
+    def _reader(self, s: socket.socket) -> None:
         buf = b""
         while True:
             try:
@@ -145,55 +150,62 @@ class VM:
                         self.output.setdefault((ch, typ), bytearray()).extend(payload)
                     self.cv.notify_all()
 
-    def send(self, typ, ch, payload=b""):
-        self.sock.sendall(MAGIC + bytes([typ, 0]) + struct.pack(">II", ch, len(payload)) + payload)
+    def send(self, typ: int, ch: int, payload: bytes = b"") -> None:
+        header = MAGIC + bytes([typ, 0]) + struct.pack(">II", ch, len(payload))
+        self.sock.sendall(header + payload)
 
-    def request(self, op, timeout=20, **fields):
+    def request(self, op: str, timeout: float = 20, **fields: Any) -> Msg:
         self.req += 1
         n = self.req
         self.send(CTRL, 0, json.dumps({"op": op, "req": n, **fields}).encode())
         return self.wait_reply(n, timeout)
 
-    def wait_reply(self, n, timeout=20):
+    def wait_reply(self, n: int, timeout: float = 20) -> Msg:
         with self.cv:
             if not self.cv.wait_for(lambda: n in self.replies, timeout):
                 raise Failure(f"no reply to request {n}")
             return self.replies.pop(n)
 
-    def wait_exit(self, ch, timeout=20):
+    def wait_exit(self, ch: int, timeout: float = 20) -> int:
+        def ev() -> Msg | None:
+            return next((e for e in self.events
+                         if e.get("op") == "exit" and e.get("chan") == ch), None)
+
         with self.cv:
-            ev = lambda: next((e for e in self.events if e.get("op") == "exit" and e.get("chan") == ch), None)
             if not self.cv.wait_for(ev, timeout):
                 raise Failure(f"no exit event on channel {ch}")
             e = ev()
+            assert e is not None
             self.events.remove(e)
             return e["code"]
 
-    def out(self, ch, typ=STDOUT) -> str:
+    def out(self, ch: int, typ: int = STDOUT) -> str:
         with self.cv:
             return bytes(self.output.get((ch, typ), b"")).decode(errors="replace")
 
-    def wait_output(self, ch, text, timeout=20, typ=STDOUT):
+    def wait_output(self, ch: int, text: str, timeout: float = 20, typ: int = STDOUT) -> None:
+        def seen() -> bool:
+            return text in bytes(self.output.get((ch, typ), b"")).decode(errors="replace")
+
         with self.cv:
-            ok = self.cv.wait_for(lambda: text in bytes(self.output.get((ch, typ), b"")).decode(errors="replace"),
-                                  timeout)
+            ok = self.cv.wait_for(seen, timeout)
         if not ok:
             raise Failure(f"channel {ch}: {text!r} not seen in {self.out(ch, typ)!r}")
 
-    def poweroff(self, timeout=20):
+    def poweroff(self, timeout: float = 20) -> float:
         self.send(CTRL, 0, json.dumps({"op": "poweroff"}).encode())
         t = time.monotonic()
         self.proc.wait(timeout)
         return time.monotonic() - t
 
-    def kill(self):
+    def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
 
 
-def run_config(args, **kw):
-    cfg = {"root": "/dev/vda", "fstype": "ext4", "args": args,
+def run_config(args: list[str], **kw: Any) -> Msg:
+    cfg: Msg = {"root": "/dev/vda", "fstype": "ext4", "args": args,
            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
            "cwd": "/", "user": "", "hostname": "smoke", "tty": False, "stdin": False,
            "rows": 0, "cols": 0, "time_ns": time.time_ns(),
@@ -202,11 +214,11 @@ def run_config(args, **kw):
     return cfg
 
 
-def ms(s):
+def ms(s: float) -> str:
     return f"{s * 1000:.0f} ms"
 
 
-def boot(vm, kernel, timings, label):
+def boot(vm: VM, kernel: str, timings: dict[str, float], label: str) -> float:
     t = time.monotonic()
     r = vm.request("hello", timeout=30, version=1)
     timings[f"{label}: launch -> hello reply"] = time.monotonic() - vm.t0
@@ -215,7 +227,7 @@ def boot(vm, kernel, timings, label):
     return t
 
 
-def vm_main(vm, kernel, timings):
+def vm_main(vm: VM, kernel: str, timings: dict[str, float]) -> None:
     boot(vm, kernel, timings, "vm1")
     r = vm.request("hello", version=2)
     check(not r["ok"], "hello with version 2 is refused")
@@ -243,21 +255,23 @@ def vm_main(vm, kernel, timings):
     check(not r["ok"], "second run refused")
 
     t = time.monotonic()
-    r = vm.request("exec", chan=2, args=["uname", "-r"], env=[], cwd="/", user="", tty=False, stdin=False)
+    r = vm.request("exec", chan=2, args=["uname", "-r"], env=[], cwd="/", user="", tty=False,
+                   stdin=False)
     check(r["ok"], f"exec uname: {r}")
     code = vm.wait_exit(2)
     timings["exec uname -r round trip"] = time.monotonic() - t
-    check(code == 0 and vm.out(2).strip() == kernel, f"uname -r -> {vm.out(2).strip()!r}, code {code}")
+    check(code == 0 and vm.out(2).strip() == kernel,
+          f"uname -r -> {vm.out(2).strip()!r}, code {code}")
 
-    r = vm.request("exec", chan=3, args=["sh", "-c", "echo out; echo err >&2; exit 3"], env=[], cwd="/",
-                   user="", tty=False, stdin=False)
+    r = vm.request("exec", chan=3, args=["sh", "-c", "echo out; echo err >&2; exit 3"], env=[],
+                   cwd="/", user="", tty=False, stdin=False)
     check(r["ok"], "exec sh -c exit 3")
     code = vm.wait_exit(3)
     check(code == 3 and vm.out(3) == "out\n" and vm.out(3, STDERR) == "err\n",
           f"exit 3 with stdout {vm.out(3)!r} stderr {vm.out(3, STDERR)!r}")
 
-    r = vm.request("exec", chan=4, args=["sh", "-c", "hostname; id; pwd; echo $HOME; date +%s"], env=[],
-                   cwd="/tmp", user="nobody", tty=False, stdin=False)
+    r = vm.request("exec", chan=4, args=["sh", "-c", "hostname; id; pwd; echo $HOME; date +%s"],
+                   env=[], cwd="/tmp", user="nobody", tty=False, stdin=False)
     check(r["ok"], "exec as nobody")
     check(vm.wait_exit(4) == 0, "exec as nobody exits 0")
     lines = vm.out(4).splitlines()
@@ -266,19 +280,23 @@ def vm_main(vm, kernel, timings):
     check(lines[2] == "/tmp" and lines[3] == "/home", f"cwd {lines[2]!r}, HOME {lines[3]!r}")
     check(abs(int(lines[4]) - time.time()) < 10, f"guest clock {lines[4]} is the host's")
 
-    r = vm.request("exec", chan=5, args=["id", "-u"], env=[], cwd="", user="1234:5678", tty=False, stdin=False)
-    check(r["ok"] and vm.wait_exit(5) == 0 and vm.out(5).strip() == "1234", "numeric uid not in passwd")
+    r = vm.request("exec", chan=5, args=["id", "-u"], env=[], cwd="", user="1234:5678", tty=False,
+                   stdin=False)
+    check(r["ok"] and vm.wait_exit(5) == 0 and vm.out(5).strip() == "1234",
+          "numeric uid not in passwd")
 
     r = vm.request("exec", chan=6, args=["nope"], env=[], cwd="/", user="", tty=False, stdin=False)
     check(not r["ok"] and r.get("exit_code") == 127 and "executable file not found" in r["error"],
           f"exec nope -> {r}")
-    r = vm.request("exec", chan=6, args=["/etc/passwd"], env=[], cwd="/", user="", tty=False, stdin=False)
+    r = vm.request("exec", chan=6, args=["/etc/passwd"], env=[], cwd="/", user="", tty=False,
+                   stdin=False)
     check(not r["ok"] and r.get("exit_code") == 126, f"exec /etc/passwd -> {r}")
-    r = vm.request("exec", chan=6, args=["true"], env=[], cwd="/", user="ghost", tty=False, stdin=False)
+    r = vm.request("exec", chan=6, args=["true"], env=[], cwd="/", user="ghost", tty=False,
+                   stdin=False)
     check(not r["ok"], f"unknown user -> {r.get('error')}")
 
-    r = vm.request("exec", chan=7, args=["sh", "-c", "tty; stty size; read x; stty size; exit 4"], env=[],
-                   cwd="/", user="", tty=True, stdin=True, rows=24, cols=80)
+    r = vm.request("exec", chan=7, args=["sh", "-c", "tty; stty size; read x; stty size; exit 4"],
+                   env=[], cwd="/", user="", tty=True, stdin=True, rows=24, cols=80)
     check(r["ok"], "exec with tty")
     vm.wait_output(7, "24 80")
     check(re.search(r"/dev/pts/\d+", vm.out(7)) is not None, f"tty is a pts: {vm.out(7)!r}")
@@ -289,14 +307,15 @@ def vm_main(vm, kernel, timings):
     check("40 120" in vm.out(7), f"size after resize: {vm.out(7)!r}")
 
     t = time.monotonic()
-    r = vm.request("exec", chan=10, args=["dd", "if=/dev/zero", "bs=1M", "count=32"], env=[], cwd="/", user="",
-                   tty=False, stdin=False)
+    r = vm.request("exec", chan=10, args=["dd", "if=/dev/zero", "bs=1M", "count=32"], env=[],
+                   cwd="/", user="", tty=False, stdin=False)
     check(r["ok"] and vm.wait_exit(10, timeout=60) == 0, "exec dd 32 MiB to stdout")
     timings["32 MiB stdout"] = time.monotonic() - t
     check(len(vm.output.get((10, STDOUT), b"")) == 32 << 20, "all 32 MiB arrived")
 
     t = time.monotonic()
-    r = vm.request("exec", chan=11, args=["wc", "-c"], env=[], cwd="/", user="", tty=False, stdin=True)
+    r = vm.request("exec", chan=11, args=["wc", "-c"], env=[], cwd="/", user="", tty=False,
+                   stdin=True)
     check(r["ok"], "exec wc -c with stdin")
     blob = os.urandom(256 * 1024)
     for _ in range(16):
@@ -306,14 +325,16 @@ def vm_main(vm, kernel, timings):
           f"4 MiB through stdin: wc says {vm.out(11).strip()}")
     timings["4 MiB stdin"] = time.monotonic() - t
 
-    r = vm.request("exec", chan=8, args=["sleep", "1000"], env=[], cwd="/", user="", tty=False, stdin=False)
+    r = vm.request("exec", chan=8, args=["sleep", "1000"], env=[], cwd="/", user="", tty=False,
+                   stdin=False)
     check(r["ok"], "exec sleep (to be killed with the container)")
 
     t = time.monotonic()
     r = vm.request("ps")
     timings["ps"] = time.monotonic() - t
     cmds = [p["cmd"] for p in r.get("processes", [])]
-    check(r["ok"] and "sleep 1000" in cmds and all(p["pid"] > 1 for p in r["processes"]), f"ps: {cmds}")
+    check(r["ok"] and "sleep 1000" in cmds and all(p["pid"] > 1 for p in r["processes"]),
+          f"ps: {cmds}")
     print(f"       {r['processes'][0]}")
     r = vm.request("stats")
     check(r["ok"] and r["mem_total"] > 100 << 20 and r["cpu_ns"] > 0 and r["online_cpus"] == 1
@@ -330,30 +351,32 @@ def vm_main(vm, kernel, timings):
     check(vm.wait_exit(1) == 143, "main exit 143 after SIGTERM")
     check(vm.wait_exit(8) == 137, "exec killed with the container (137)")
     r = vm.request("hello", version=1)
-    check(r["state"] == "exited" and r["exit_code"] == 143, f"hello after exit: {r['state']} {r['exit_code']}")
+    check(r["state"] == "exited" and r["exit_code"] == 143,
+          f"hello after exit: {r['state']} {r['exit_code']}")
     r = vm.request("exec", chan=9, args=["true"], env=[], cwd="/", user="", tty=False, stdin=False)
     check(not r["ok"], "exec after exit refused")
     timings["vm1: poweroff -> qemu exit"] = vm.poweroff()
     check(vm.proc.returncode == 0, f"qemu exit status {vm.proc.returncode}")
 
 
-def vm_tty(vm, kernel, timings):
+def vm_tty(vm: VM, kernel: str, timings: dict[str, float]) -> None:
     boot(vm, kernel, timings, "vm2")
-    r = vm.request("run", config=run_config(["sh", "-c", "tty; stty size; echo to-stderr >&2; exit 5"],
-                                            tty=True, rows=30, cols=100))
+    r = vm.request("run", config=run_config(
+        ["sh", "-c", "tty; stty size; echo to-stderr >&2; exit 5"], tty=True, rows=30, cols=100))
     check(r["ok"], "tty run")
     check(vm.wait_exit(1) == 5, "tty run exit 5")
     out = vm.out(1)
-    check("/dev/pts/0" in out and "30 100" in out and "to-stderr" in out and vm.out(1, STDERR) == "",
-          f"tty output (all on stdout): {out!r}")
+    check("/dev/pts/0" in out and "30 100" in out and "to-stderr" in out
+          and vm.out(1, STDERR) == "", f"tty output (all on stdout): {out!r}")
     vm.disconnect()
     vm.connect()
     r = vm.request("hello", version=1)
-    check(r["state"] == "exited" and r["exit_code"] == 5, "reconnect after exit: hello repeats the exit")
+    check(r["state"] == "exited" and r["exit_code"] == 5,
+          "reconnect after exit: hello repeats the exit")
     timings["vm2: poweroff -> qemu exit"] = vm.poweroff()
 
 
-def vm_notfound(vm, kernel, timings):
+def vm_notfound(vm: VM, kernel: str, timings: dict[str, float]) -> None:
     boot(vm, kernel, timings, "vm3")
     r = vm.request("run", config=run_config(["no-such-binary"]))
     check(not r["ok"] and r.get("exit_code") == 127, f"run of a missing binary: {r}")
@@ -362,9 +385,11 @@ def vm_notfound(vm, kernel, timings):
     timings["vm3: poweroff -> qemu exit"] = vm.poweroff()
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(REPO, ".cache", "guest"), help="build.sh output dir")
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(REPO, ".cache", "guest"),
+                    help="build.sh output dir")
     ap.add_argument("--keep", action="store_true", help="keep the work dir (console logs)")
     ap.add_argument("--no-build", action="store_true", help="do not run build.sh first")
     args = ap.parse_args()
@@ -373,8 +398,8 @@ def main():
         subprocess.run([f"{HERE}/build.sh", out], check=True)
     kernel = open(f"{out}/kernel.release").read().strip()
     work = tempfile.mkdtemp(prefix="vicd-smoke-")
-    timings = {}
-    vm = None
+    timings: dict[str, float] = {}
+    vm: VM | None = None
     try:
         t = time.monotonic()
         tar = f"{work}/rootfs.tar"
@@ -383,7 +408,8 @@ def main():
         with tarfile.open(tar) as tf:
             tf.extractall(rootdir)
         disk = f"{work}/disk.img"
-        subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", rootdir, "-F", disk, "256M"], check=True)
+        subprocess.run(["mke2fs", "-q", "-t", "ext4", "-d", rootdir, "-F", disk, "256M"],
+                       check=True)
         timings["rootfs tar + ext4 image"] = time.monotonic() - t
         khz = host_tsc_khz()
         print("qemu:", " ".join(qemu_cmd(out, f"{work}/vmN", disk, khz)))
@@ -393,7 +419,8 @@ def main():
             test(vm, kernel, timings)
             vm = None
         fsck = subprocess.run(["e2fsck", "-fn", disk], capture_output=True, text=True)
-        check(fsck.returncode == 0, f"root disk clean after the poweroffs (e2fsck {fsck.returncode})")
+        check(fsck.returncode == 0,
+              f"root disk clean after the poweroffs (e2fsck {fsck.returncode})")
     except Failure as e:
         print(f"FAIL: {e}")
         if vm is not None:

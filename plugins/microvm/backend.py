@@ -41,11 +41,9 @@ from vicd.plugins.microvm.qmp import QMP, QMPError
 from vicd.plugins.microvm.templates import Shape, Template, TemplateStore, template_key
 from vicd.plugins.microvm.tether import (
     PROTOCOL_VERSION,
-    STDIN,
-    STDIN_CLOSE,
-    Channel,
     TetherConnection,
     TetherError,
+    TetherProcess,
 )
 from vicd.plugins.microvm.volumes import VOLUME_SLOT_BYTES
 
@@ -62,36 +60,6 @@ class RestoreError(VicdError):
     """A template could not be restored; the caller cold-boots instead."""
 
 
-class GuestProc:
-    """A process in the guest, addressed by its tether channel."""
-
-    def __init__(self, vm: MicroVM, chan: int, channel: Channel, pid: int) -> None:
-        self.vm = vm
-        self.chan = chan
-        self.channel = channel
-        self.pid = pid
-
-    def write_stdin(self, data: bytes) -> None:
-        self.vm.conn.send(STDIN, self.chan, data)
-
-    def close_stdin(self) -> None:
-        self.vm.conn.send(STDIN_CLOSE, self.chan)
-
-    async def signal(self, signum: int) -> None:
-        await self.vm.conn.request("signal", chan=self.chan, signal=signum, timeout=10)
-
-    async def resize(self, rows: int, cols: int) -> None:
-        await self.vm.conn.request("resize", chan=self.chan, rows=rows, cols=cols, timeout=10)
-
-    async def wait(self) -> int:
-        done, _ = await asyncio.wait(
-            [self.channel.exit, self.vm.conn.closed], return_when=asyncio.FIRST_COMPLETED
-        )
-        if self.channel.exit.done():
-            return self.channel.exit.result()
-        return 137
-
-
 class MicroVM:
     def __init__(self, cid: str, files: VMFiles, proc: QemuProcess, conn: TetherConnection,
                  ephemeral: bool = False) -> None:
@@ -101,7 +69,7 @@ class MicroVM:
         self.proc = proc
         self.conn = conn
         self.pid = proc.pid
-        self.main: GuestProc  # set once the main process runs
+        self.main: TetherProcess  # set once the main process runs
         self.next_chan = 2
         self.folders: SharedFolders | None = None
         self._qmp: QMP | None = None
@@ -112,7 +80,7 @@ class MicroVM:
             self._qmp = await QMP.connect(str(self.files.qmp))
         return self._qmp
 
-    async def exec(self, spec: ProcessSpec, sink: OutputSink) -> GuestProc:
+    async def exec(self, spec: ProcessSpec, sink: OutputSink) -> TetherProcess:
         chan = self.next_chan
         self.next_chan += 1
         channel = self.conn.open_channel(chan, sink)
@@ -121,7 +89,7 @@ class MicroVM:
         except TetherError as e:
             code = (getattr(e, "reply", None) or {}).get("exit_code", 126)
             raise StartError(e.message, int(code)) from None
-        return GuestProc(self, chan, channel, int(reply.get("pid", 0)))
+        return TetherProcess(self.conn, chan, channel, int(reply.get("pid", 0)))
 
     async def ps(self) -> list[dict[str, Any]]:
         reply = await self.conn.request("ps", timeout=10)
@@ -438,7 +406,7 @@ class MicroVMBackend:
             folders.cleanup()
             raise
         vm.folders = folders
-        vm.main = GuestProc(vm, 1, channel, int(reply.get("pid", 0)))
+        vm.main = TetherProcess(conn, 1, channel, int(reply.get("pid", 0)))
         log.info(
             "container %s: VM pid %d %s in %.0f ms, process started %.0f ms later "
             "(guest: mount %.0f ms, run %.0f ms; %s, kernel %s)",
@@ -599,7 +567,7 @@ class MicroVMBackend:
             return None
         vm = MicroVM(container_id, files, proc, conn)
         vm.folders = self._folders(container_id)  # undone when this VM ends
-        vm.main = GuestProc(vm, 1, channel, int(hello.get("pid", 0) or 0))
+        vm.main = TetherProcess(conn, 1, channel, int(hello.get("pid", 0) or 0))
         if hello.get("state") == "exited" and not channel.exit.done():
             channel.exit.set_result(int(hello.get("exit_code") or 0))
         return vm

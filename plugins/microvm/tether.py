@@ -42,6 +42,39 @@ class Channel:
     error: str = ""
 
 
+class TetherProcess:
+    """A guest process addressed by its tether channel (vicd.backend.GuestProcess).
+
+    It has ended when its exit event comes, or when the channel closes or any
+    future in ``also_ends`` completes (the VM powered off): then 137.
+    """
+
+    def __init__(self, conn: TetherConnection, chan: int, channel: Channel, pid: int,
+                 also_ends: tuple[asyncio.Future[Any], ...] = ()) -> None:
+        self.conn = conn
+        self.chan = chan
+        self.channel = channel
+        self.pid = pid
+        self.also_ends = also_ends
+
+    def write_stdin(self, data: bytes) -> None:
+        self.conn.send(STDIN, self.chan, data)
+
+    def close_stdin(self) -> None:
+        self.conn.send(STDIN_CLOSE, self.chan)
+
+    async def signal(self, signum: int) -> None:
+        await self.conn.request("signal", chan=self.chan, signal=signum, timeout=10)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        await self.conn.request("resize", chan=self.chan, rows=rows, cols=cols, timeout=10)
+
+    async def wait(self) -> int:
+        await asyncio.wait([self.channel.exit, self.conn.closed, *self.also_ends],
+                           return_when=asyncio.FIRST_COMPLETED)
+        return self.channel.exit.result() if self.channel.exit.done() else 137
+
+
 class TetherConnection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader

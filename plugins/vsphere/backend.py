@@ -36,7 +36,11 @@ from vicd.backend import GuestStats, OutputSink, ProcessSpec, StartError, VMSpec
 from vicd.config import Config
 from vicd.errors import InvalidParameter
 from vicd.plugins.microvm import archive
-from vicd.plugins.microvm.tether import STDIN, STDIN_CLOSE, Channel, TetherConnection, TetherError
+from vicd.plugins.microvm.tether import (
+    TetherConnection,
+    TetherError,
+    TetherProcess,
+)
 from vicd.plugins.vsphere.client import (
     CONNECTION_ERRORS,
     VimClient,
@@ -102,34 +106,6 @@ def read_record(extra: dict[str, str]) -> dict[str, Any] | None:
         return None
 
 
-class GuestProc:
-    """A process in the guest, addressed by its tether channel."""
-
-    def __init__(self, vm: VSphereVM, chan: int, channel: Channel, pid: int) -> None:
-        self.vm = vm
-        self.chan = chan
-        self.channel = channel
-        self.pid = pid
-
-    def write_stdin(self, data: bytes) -> None:
-        self.vm.conn.send(STDIN, self.chan, data)
-
-    def close_stdin(self) -> None:
-        self.vm.conn.send(STDIN_CLOSE, self.chan)
-
-    async def signal(self, signum: int) -> None:
-        await self.vm.conn.request("signal", chan=self.chan, signal=signum, timeout=10)
-
-    async def resize(self, rows: int, cols: int) -> None:
-        await self.vm.conn.request("resize", chan=self.chan, rows=rows, cols=cols, timeout=10)
-
-    async def wait(self) -> int:
-        # The VM powered off (by us or an admin) ends the process too.
-        await asyncio.wait([self.channel.exit, self.vm.conn.closed, self.vm.off],
-                           return_when=asyncio.FIRST_COMPLETED)
-        return self.channel.exit.result() if self.channel.exit.done() else 137
-
-
 class VSphereVM:
     def __init__(self, backend: VSphereBackend, cid: str, moid: str, conn: TetherConnection,
                  ephemeral: bool) -> None:
@@ -139,12 +115,12 @@ class VSphereVM:
         self.conn = conn
         self.ephemeral = ephemeral
         self.pid = 0  # no host process: the VM runs on an ESXi host
-        self.main: GuestProc
+        self.main: TetherProcess
         self.next_chan = 2
         self.off: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._killed = False
 
-    async def exec(self, spec: ProcessSpec, sink: OutputSink) -> GuestProc:
+    async def exec(self, spec: ProcessSpec, sink: OutputSink) -> TetherProcess:
         chan = self.next_chan
         self.next_chan += 1
         channel = self.conn.open_channel(chan, sink)
@@ -153,7 +129,7 @@ class VSphereVM:
         except TetherError as e:
             code = (getattr(e, "reply", None) or {}).get("exit_code", 126)
             raise StartError(e.message, int(code)) from None
-        return GuestProc(self, chan, channel, int(reply.get("pid", 0)))
+        return TetherProcess(self.conn, chan, channel, int(reply.get("pid", 0)), (self.off,))
 
     async def ps(self) -> list[dict[str, Any]]:
         reply = await self.conn.request("ps", timeout=10)
@@ -647,7 +623,7 @@ class VSphereBackend:
             await conn.close()
             asyncio.create_task(self.power(moid, "off"))
             raise StartError(_runtime_error(e.message), int(code)) from None
-        vm.main = GuestProc(vm, 1, channel, int(reply.get("pid", 0)))
+        vm.main = TetherProcess(vm.conn, 1, channel, int(reply.get("pid", 0)), (vm.off,))
         self.vms[cid] = vm
         if self.view and self.view.vms.get(moid) and self.view.vms[moid].power == OFF:
             pass  # the view lags; the power-on above is authoritative
@@ -680,7 +656,8 @@ class VSphereBackend:
             return None
         vm = VSphereVM(self, container_id, st.moid, arrival.conn, False)
         channel = arrival.attach(sink)
-        vm.main = GuestProc(vm, 1, channel, int(arrival.hello.get("pid", 0) or 0))
+        vm.main = TetherProcess(vm.conn, 1, channel, int(arrival.hello.get("pid", 0) or 0),
+                                (vm.off,))
         self.vms[container_id] = vm
         return vm
 

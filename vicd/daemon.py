@@ -94,7 +94,9 @@ class Daemon:
         self.pm.hook.backend_selected(config=self.config, backend=self.backend)
         await self.engine.load()
         app = self.app()
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # Clients often leave a `wait` pending (`docker run -d` does): do not let
+        # them hold a shutdown for aiohttp's default minute.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=3.0)
         await runner.setup()
         self.runners.append(runner)
         for host in self.config.hosts:

@@ -19,6 +19,7 @@ from vicd.plugins.microvm.tether import STDIN, STDIN_CLOSE, TetherError
 
 if TYPE_CHECKING:
     from vicd.plugins.microvm.backend import MicroVM
+    from vicd.plugins.microvm.guest import TetherGuest
 
 HIGH_WATER = 8 << 20
 LOW_WATER = 1 << 20
@@ -32,7 +33,7 @@ def _path_error(e: TetherError) -> GuestPathError:
     return GuestPathError(e.message, _KINDS.get(code, "other"))
 
 
-async def stat_path(vm: MicroVM, path: str) -> dict[str, Any]:
+async def stat_path(vm: TetherGuest, path: str) -> dict[str, Any]:
     try:
         reply = await vm.conn.request("stat", path=path, timeout=30)
     except TetherError as e:
@@ -40,7 +41,7 @@ async def stat_path(vm: MicroVM, path: str) -> dict[str, Any]:
     return dict(reply["stat"])
 
 
-async def get_archive(vm: MicroVM, path: str, rebase: str | None = None,
+async def get_archive(vm: TetherGuest, path: str, rebase: str | None = None,
                       excludes: list[str] | None = None, listing: bool = False,
                       only: list[str] | None = None, only_trees: list[str] | None = None,
                       ) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
@@ -109,7 +110,7 @@ async def get_archive(vm: MicroVM, path: str, rebase: str | None = None,
     return dict(reply["stat"]), stream()
 
 
-async def put_archive(vm: MicroVM, path: str, data: AsyncIterator[bytes],
+async def put_archive(vm: TetherGuest, path: str, data: AsyncIterator[bytes],
                       no_overwrite_dir_non_dir: bool = False, chown_user: str = "") -> None:
     chan = vm.next_chan
     vm.next_chan += 1

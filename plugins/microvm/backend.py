@@ -21,15 +21,15 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from vicd.backend import GuestStats, OutputSink, ProcessSpec, StartError, VMSpec
+from vicd.backend import OutputSink, StartError, VMSpec
 from vicd.config import Config
 from vicd.errors import VicdError
 from vicd.plugins.microvm import archive
 from vicd.plugins.microvm.binds import SharedFolder, SharedFolders
+from vicd.plugins.microvm.guest import TetherGuest, process_fields
 from vicd.plugins.microvm.qemu import (
     QemuProcess,
     VMFiles,
@@ -60,7 +60,7 @@ class RestoreError(VicdError):
     """A template could not be restored; the caller cold-boots instead."""
 
 
-class MicroVM:
+class MicroVM(TetherGuest):
     def __init__(self, cid: str, files: VMFiles, proc: QemuProcess, conn: TetherConnection,
                  ephemeral: bool = False) -> None:
         self.cid = cid
@@ -80,59 +80,11 @@ class MicroVM:
             self._qmp = await QMP.connect(str(self.files.qmp))
         return self._qmp
 
-    async def exec(self, spec: ProcessSpec, sink: OutputSink) -> TetherProcess:
-        chan = self.next_chan
-        self.next_chan += 1
-        channel = self.conn.open_channel(chan, sink)
-        try:
-            reply = await self.conn.request("exec", chan=chan, **_process_fields(spec))
-        except TetherError as e:
-            code = (getattr(e, "reply", None) or {}).get("exit_code", 126)
-            raise StartError(e.message, int(code)) from None
-        return TetherProcess(self.conn, chan, channel, int(reply.get("pid", 0)))
-
-    async def ps(self) -> list[dict[str, Any]]:
-        reply = await self.conn.request("ps", timeout=10)
-        return list(reply.get("processes") or [])
-
-    async def stats(self) -> GuestStats:
-        r = await self.conn.request("stats", timeout=10)
-        total = int(r.get("mem_total", 0))
-        avail = int(r.get("mem_available", r.get("mem_free", 0)))
-        return GuestStats(
-            cpu_ns=int(r.get("cpu_ns", 0)),
-            system_ns=int(r.get("system_ns", 0)),
-            online_cpus=int(r.get("online_cpus", 1)),
-            mem_total=total,
-            mem_used=max(total - avail, 0),
-            mem_cache=int(r.get("mem_cache", 0)),
-            pids=int(r.get("pids", 0)),
-        )
-
     async def pause(self) -> None:
         await (await self.qmp()).execute("stop")
 
     async def resume(self) -> None:
         await (await self.qmp()).execute("cont")
-
-    # Archive ops (docker cp, export): plugins/microvm/archive.py.
-    async def stat_path(self, path: str) -> dict[str, Any]:
-        return await archive.stat_path(self, path)
-
-    async def get_archive(self, path: str, rebase: str | None = None,
-                          excludes: list[str] | None = None, listing: bool = False,
-                          only: list[str] | None = None, only_trees: list[str] | None = None,
-                          ) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
-        return await archive.get_archive(self, path, rebase, excludes, listing, only,
-                                         only_trees)
-
-    async def freeze(self, frozen: bool) -> None:
-        """Stop (SIGSTOP) or continue every container process (commit --pause)."""
-        await self.conn.request("freeze", frozen=frozen, timeout=10)
-
-    async def put_archive(self, path: str, data: AsyncIterator[bytes],
-                          no_overwrite_dir_non_dir: bool = False, chown_user: str = "") -> None:
-        await archive.put_archive(self, path, data, no_overwrite_dir_non_dir, chown_user)
 
     async def power_off(self) -> None:
         """End a VM started with ``hold`` (no main process)."""
@@ -172,19 +124,6 @@ class MicroVM:
         await self.detach()
         if self.folders:
             self.folders.cleanup()
-
-
-def _process_fields(spec: ProcessSpec) -> dict[str, Any]:
-    return {
-        "args": spec.args,
-        "env": spec.env,
-        "cwd": spec.cwd,
-        "user": spec.user,
-        "tty": spec.tty,
-        "stdin": spec.stdin,
-        "rows": spec.rows,
-        "cols": spec.cols,
-    }
 
 
 class MicroVMBackend:
@@ -391,7 +330,7 @@ class MicroVMBackend:
                 "seed": base64.b64encode(os.urandom(64)).decode(),
                 "network": _guest_network(spec),
                 "mounts": _guest_mounts(spec) + _guest_binds(shared),
-                **_process_fields(spec.process),
+                **process_fields(spec.process),
                 "hold": spec.hold,
             }
             try:

@@ -26,16 +26,16 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pyVmomi import vim, vmodl
 
-from vicd.backend import GuestStats, OutputSink, ProcessSpec, StartError, VMSpec
+from vicd.backend import OutputSink, StartError, VMSpec
 from vicd.config import Config
 from vicd.errors import InvalidParameter
-from vicd.plugins.microvm import archive
+from vicd.plugins.microvm.guest import TetherGuest, process_fields
 from vicd.plugins.microvm.tether import (
     TetherConnection,
     TetherError,
@@ -80,11 +80,6 @@ class Infra:
     nic: Any
 
 
-def _process_fields(spec: ProcessSpec) -> dict[str, Any]:
-    return {"args": spec.args, "env": spec.env, "cwd": spec.cwd, "user": spec.user,
-            "tty": spec.tty, "stdin": spec.stdin, "rows": spec.rows, "cols": spec.cols}
-
-
 def record_chunks(record: dict[str, Any]) -> dict[str, str]:
     """The record as extraConfig values. What changes with every run (state,
     exec ids, NIC, counters) is left out: recovery derives the state from the
@@ -106,7 +101,7 @@ def read_record(extra: dict[str, str]) -> dict[str, Any] | None:
         return None
 
 
-class VSphereVM:
+class VSphereVM(TetherGuest):
     def __init__(self, backend: VSphereBackend, cid: str, moid: str, conn: TetherConnection,
                  ephemeral: bool) -> None:
         self.backend = backend
@@ -120,50 +115,8 @@ class VSphereVM:
         self.off: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._killed = False
 
-    async def exec(self, spec: ProcessSpec, sink: OutputSink) -> TetherProcess:
-        chan = self.next_chan
-        self.next_chan += 1
-        channel = self.conn.open_channel(chan, sink)
-        try:
-            reply = await self.conn.request("exec", chan=chan, **_process_fields(spec))
-        except TetherError as e:
-            code = (getattr(e, "reply", None) or {}).get("exit_code", 126)
-            raise StartError(e.message, int(code)) from None
-        return TetherProcess(self.conn, chan, channel, int(reply.get("pid", 0)), (self.off,))
-
-    async def ps(self) -> list[dict[str, Any]]:
-        reply = await self.conn.request("ps", timeout=10)
-        return list(reply.get("processes") or [])
-
-    async def stats(self) -> GuestStats:
-        r = await self.conn.request("stats", timeout=10)
-        total = int(r.get("mem_total", 0))
-        avail = int(r.get("mem_available", r.get("mem_free", 0)))
-        return GuestStats(cpu_ns=int(r.get("cpu_ns", 0)), system_ns=int(r.get("system_ns", 0)),
-                          online_cpus=int(r.get("online_cpus", 1)), mem_total=total,
-                          mem_used=max(total - avail, 0), mem_cache=int(r.get("mem_cache", 0)),
-                          pids=int(r.get("pids", 0)))
-
-    # Archive ops (docker cp, export, diff) of a running container: the same
-    # tether requests as on microvm. A stopped container's VM cannot be held
-    # here (no supports_hold), so those are refused by the engine.
-    async def stat_path(self, path: str) -> dict[str, Any]:
-        return await archive.stat_path(self, path)  # type: ignore[arg-type]
-
-    async def get_archive(self, path: str, rebase: str | None = None,
-                          excludes: list[str] | None = None, listing: bool = False,
-                          only: list[str] | None = None,
-                          ) -> tuple[dict[str, Any], AsyncIterator[bytes]]:
-        return await archive.get_archive(self, path, rebase, excludes, listing,  # type: ignore[arg-type]
-                                         only)
-
-    async def put_archive(self, path: str, data: AsyncIterator[bytes],
-                          no_overwrite_dir_non_dir: bool = False, chown_user: str = "") -> None:
-        await archive.put_archive(self, path, data, no_overwrite_dir_non_dir,  # type: ignore[arg-type]
-                                  chown_user)
-
-    async def freeze(self, frozen: bool) -> None:
-        await self.conn.request("freeze", frozen=frozen, timeout=10)
+    def process_ends(self) -> tuple[asyncio.Future[Any], ...]:
+        return (self.off,)  # the VM powered off (by us or an admin)
 
     async def pause(self) -> None:
         await self.backend.power(self.moid, "suspend")
@@ -615,7 +568,7 @@ class VSphereBackend:
                   # slirp): the guest gets the container's /etc/hosts and resolv.conf.
                   "network": {"interfaces": [], "hosts": getattr(spec, "hosts", ""),
                               "resolv": getattr(spec, "resolv", "")},
-                  **_process_fields(spec.process)}
+                  **process_fields(spec.process)}
         try:
             reply = await conn.request("run", config=config, timeout=30)
         except TetherError as e:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +12,7 @@ from aiohttp import web
 from vicd import archive, changes
 from vicd.api.app import add_route, json_body, json_response, q_bool
 from vicd.api.keys import ENGINE
+from vicd.api.streams import stream_chunks
 from vicd.errors import InvalidParameter
 
 STAT_HEADER = "X-Docker-Container-Path-Stat"
@@ -33,15 +33,8 @@ async def head_archive(request: web.Request) -> web.Response:
 async def get_archive(request: web.Request) -> web.StreamResponse:
     path = archive.check_path(request.query.get("path"))
     async with archive.get(request.app[ENGINE], request.match_info["id"], path) as (st, data):
-        resp = web.StreamResponse(status=200, headers={
+        return await stream_chunks(request, data, {
             STAT_HEADER: _stat_header(st), "Content-Type": "application/x-tar"})
-        resp.enable_chunked_encoding()
-        await resp.prepare(request)
-        with contextlib.suppress(ConnectionError):
-            async for chunk in data:
-                await resp.write(chunk)
-            await resp.write_eof()
-    return resp
 
 
 async def _body(request: web.Request) -> AsyncIterator[bytes]:
@@ -58,14 +51,7 @@ async def put_archive(request: web.Request) -> web.Response:
 
 async def export(request: web.Request) -> web.StreamResponse:
     async with archive.export(request.app[ENGINE], request.match_info["id"]) as data:
-        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/x-tar"})
-        resp.enable_chunked_encoding()
-        await resp.prepare(request)
-        with contextlib.suppress(ConnectionError):
-            async for chunk in data:
-                await resp.write(chunk)
-            await resp.write_eof()
-    return resp
+        return await stream_chunks(request, data, {"Content-Type": "application/x-tar"})
 
 
 async def container_changes(request: web.Request) -> web.Response:

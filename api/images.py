@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from aiohttp import web
 
 from vicd.api.app import add_route, json_body, json_response, q_bool
 from vicd.api.keys import DAEMON, ENGINE, EVENTS, IMAGES
+from vicd.api.streams import stream_chunks
 from vicd.errors import InvalidParameter, NotFound, VicdError
 from vicd.filters import parse_filters
 from vicd.image_store import apply_changes
@@ -315,6 +317,12 @@ async def load(request: web.Request) -> web.StreamResponse:
     return resp
 
 
+async def _file_chunks(path: str) -> AsyncIterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := await asyncio.to_thread(f.read, 1 << 20):
+            yield chunk
+
+
 async def save(request: web.Request) -> web.StreamResponse:
     store = request.app[IMAGES]
     names = request.query.getall("names", [])
@@ -328,13 +336,8 @@ async def save(request: web.Request) -> web.StreamResponse:
     try:
         with os.fdopen(fd, "wb") as f:
             await asyncio.to_thread(store.save, names, f)
-        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/x-tar"})
-        resp.enable_chunked_encoding()
-        await resp.prepare(request)
-        with open(tmp, "rb") as f:
-            while chunk := await asyncio.to_thread(f.read, 1 << 20):
-                await resp.write(chunk)
-        await resp.write_eof()
+        resp = await stream_chunks(request, _file_chunks(tmp),
+                                   {"Content-Type": "application/x-tar"})
         for n in names:
             request.app[EVENTS].publish("image", "save", store.get(n).id, name=n)
         return resp

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import math
 import signal
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1000,6 +999,3 @@ def _merge_image_config(cfg: dict[str, Any], img: dict[str, Any]) -> dict[str, A
         out["Healthcheck"] = img["Healthcheck"]
     return out
 
-
-def now() -> float:
-    return time.time()

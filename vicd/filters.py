@@ -5,7 +5,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from vicd.errors import InvalidParameter, NotFound
 from vicd.timefmt import parse_api_time, parse_rfc3339
@@ -123,7 +123,3 @@ def _ancestor(c: Container, ref: str, engine: Engine) -> bool:
     except (NotFound, InvalidParameter):
         return fnmatch.fnmatch(c.image_ref, ref)
     return img.id == c.image_id
-
-
-def container_ids_filter(values: list[str], items: list[Any]) -> list[Any]:
-    return [i for i in items if any(i.id.startswith(v) for v in values)]

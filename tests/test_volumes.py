@@ -92,3 +92,21 @@ def test_one_volume_one_running_vm(vicd: Vicd):
     vicd.docker("rm", "-f", "v-a")
     vicd.docker("run", "--rm", "-v", "excl:/d", "busybox", "true")
     vicd.docker("volume", "rm", "excl")
+
+
+def test_tmpfs_mounts(vicd: Vicd):
+    r = vicd.docker("run", "--rm", "--tmpfs", "/scratch:size=8m,mode=1770", "--mount",
+                    "type=tmpfs,target=/cache,tmpfs-size=4194304", "busybox", "sh", "-c",
+                    "grep -E ' /(scratch|cache) ' /proc/mounts; stat -c %a /scratch; "
+                    "echo x > /scratch/f && cat /scratch/f")
+    lines = r.stdout.splitlines()
+    scratch = next(line for line in lines if " /scratch " in line)
+    assert "tmpfs" in scratch and "size=8192k" in scratch and "noexec" in scratch
+    cache = next(line for line in lines if " /cache " in line)
+    assert "size=4096k" in cache
+    assert lines[-2:] == ["1770", "x"]
+    cid = vicd.docker("create", "--tmpfs", "/t", "busybox", "true").stdout.strip()
+    (m,) = vicd.inspect(cid)["Mounts"]
+    assert m == {"Type": "tmpfs", "Name": "", "Source": "", "Destination": "/t", "Driver": "",
+                 "Mode": "", "RW": True, "Propagation": ""}
+    vicd.docker("rm", cid)

@@ -62,6 +62,8 @@ class VMSpec:
     cpus: int
     disks: list[DiskSpec] = field(default_factory=list)
     binds: list[BindSpec] = field(default_factory=list)
+    # tmpfs mounts: (target, options as --tmpfs takes them).
+    tmpfs: list[tuple[str, str]] = field(default_factory=list)
     nics: list[dict[str, Any]] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
     # The container is removed when it exits (--rm): its disk need not be

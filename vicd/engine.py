@@ -427,6 +427,8 @@ class Engine:
         spec.disks = self._attach_volumes(c)
         spec.binds = [BindSpec(Path(m["Source"]), m["Destination"], not m["RW"])
                       for m in c.mounts if m["Type"] == "bind"]
+        spec.tmpfs = [(m["Destination"], m.get("Options", ""))
+                      for m in c.mounts if m["Type"] == "tmpfs"]
         await call_broadcast(self.pm, "before_start", container=c, spec=spec)
         if rt.log is None:
             rt.log = LogWriter(self.log_path(c))

@@ -41,6 +41,12 @@ def _bind(source: str, target: str, rw: bool) -> dict[str, Any]:
             "Propagation": "rprivate", "Anonymous": False}
 
 
+def _tmpfs(target: str, options: str) -> dict[str, Any]:
+    return {"Type": "tmpfs", "Name": "", "Source": "", "Destination": target, "Driver": "",
+            "Mode": "", "RW": "ro" not in options.split(","), "Propagation": "",
+            "Anonymous": False, "Options": options}
+
+
 def parse_bind(spec: str) -> dict[str, Any]:
     """One ``-v`` entry from HostConfig.Binds: ``name:/dst[:ro|rw]`` or ``/src:/dst[:opts]``."""
     parts = spec.split(":")
@@ -84,7 +90,15 @@ def parse_mount(m: dict[str, Any]) -> dict[str, Any]:
                                    f"does not exist: {source}")
         return _bind(source, target, rw)
     if typ == "tmpfs":
-        raise InvalidParameter("tmpfs mounts are not supported by the microvm backend yet")
+        t = m.get("TmpfsOptions") or {}
+        opts = []
+        if t.get("SizeBytes"):
+            opts.append(f"size={int(t['SizeBytes'])}")
+        if t.get("Mode"):
+            opts.append(f"mode={int(t['Mode']):o}")
+        if m.get("ReadOnly"):
+            opts.append("ro")
+        return _tmpfs(target, ",".join(opts))
     if typ != "volume":
         raise InvalidParameter(f"invalid mount config: mount type unknown: \"{typ}\"")
     opts = m.get("VolumeOptions") or {}
@@ -108,6 +122,10 @@ def plan_mounts(config: dict[str, Any], host_config: dict[str, Any],
 
     for spec in host_config.get("Binds") or []:
         add(parse_bind(spec))
+    for target, options in (host_config.get("Tmpfs") or {}).items():  # --tmpfs
+        # dockerd's defaults for --tmpfs, then what the user gave.
+        add(_tmpfs(_check_target(target, "tmpfs"), ",".join(
+            filter(None, ["noexec,nosuid,nodev,size=65536k", options]))))
     for m in host_config.get("Mounts") or []:
         add(parse_mount(m))
     for m in volumes_from:

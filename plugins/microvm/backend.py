@@ -329,7 +329,9 @@ class MicroVMBackend:
                 "time_ns": time.time_ns(),
                 "seed": base64.b64encode(os.urandom(64)).decode(),
                 "network": _guest_network(spec),
-                "mounts": _guest_mounts(spec) + _guest_binds(shared),
+                "mounts": _guest_mounts(spec) + _guest_binds(shared) + [
+                    {"device": "tmpfs", "fstype": "tmpfs", "target": target, "options": opts}
+                    for target, opts in spec.tmpfs],
                 **process_fields(spec.process),
                 "hold": spec.hold,
             }

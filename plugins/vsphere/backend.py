@@ -531,10 +531,10 @@ class VSphereBackend:
 
     async def start(self, spec: VMSpec, sink: OutputSink) -> VSphereVM:
         cid = spec.container_id
-        if spec.disks or getattr(spec, "binds", None):
+        if spec.disks or spec.binds or spec.tmpfs:
             # Refused rather than silently left out (docs/vsphere.md, "Not done yet").
-            raise InvalidParameter("the vsphere backend does not support volumes or bind "
-                               "mounts yet")
+            raise InvalidParameter("the vsphere backend does not support volumes, bind "
+                                   "or tmpfs mounts yet")
         moid = self._moid(cid)
         if moid is None:  # destroyed meanwhile: make it again
             await self.create(spec)

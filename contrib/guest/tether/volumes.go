@@ -23,6 +23,29 @@ type volumeMount struct {
 	// File: for a virtiofs bind of a single host file, the file's name in
 	// the shared folder; it is bind-mounted over Target.
 	File string `json:"file"`
+	// Options: for tmpfs, mount options as `--tmpfs` takes them
+	// ("size=64m,mode=1777,noexec"): flags become mount flags, the rest data.
+	Options string `json:"options"`
+}
+
+// mountFlags splits Docker-style options into mount flags and fs data.
+func mountFlags(options string) (uintptr, string) {
+	known := map[string]uintptr{
+		"ro": syscall.MS_RDONLY, "noexec": syscall.MS_NOEXEC, "nosuid": syscall.MS_NOSUID,
+		"nodev": syscall.MS_NODEV, "noatime": syscall.MS_NOATIME, "sync": syscall.MS_SYNCHRONOUS,
+	}
+	var flags uintptr
+	var data []string
+	for _, opt := range strings.Split(options, ",") {
+		switch {
+		case opt == "" || opt == "rw" || opt == "exec" || opt == "suid" || opt == "dev":
+		case known[opt] != 0:
+			flags |= known[opt]
+		default:
+			data = append(data, opt)
+		}
+	}
+	return flags, strings.Join(data, ",")
 }
 
 const stagingDir = "/tmp/vol"
@@ -35,6 +58,18 @@ func mountVolumes(mounts []volumeMount) error {
 		fstype := m.FSType
 		if fstype == "" {
 			fstype = "ext4"
+		}
+		if fstype == "tmpfs" {
+			target, err := securePath(containerRoot, m.Target)
+			if err != nil {
+				return fmt.Errorf("tmpfs target %s: %v", m.Target, err)
+			}
+			os.MkdirAll(target, 0o755)
+			flags, data := mountFlags(m.Options)
+			if err := syscall.Mount("tmpfs", target, "tmpfs", flags, data); err != nil {
+				return fmt.Errorf("tmpfs at %s: %v", m.Target, err)
+			}
+			continue
 		}
 		if fstype != "virtiofs" { // virtiofs names a tag, not a device node
 			if err := waitDevice(m.Device); err != nil {

@@ -34,7 +34,8 @@ def test_update_resources(vicd: Vicd):
     try:
         r = vicd.docker("update", "-m", "300m", name, check=False)
         assert r.returncode != 0
-        assert "memory of a running container cannot change" in r.stderr
+        # 300m is above the VM's 256 MiB boot size: the balloon cannot give that
+        assert "cannot grow beyond the 256 MiB its VM booted with" in r.stderr
         r = vicd.docker("update", "--cpus", "2", name, check=False)
         assert r.returncode != 0 and "cpus of a running container" in r.stderr
         vicd.docker("stop", "-t", "0", name)
@@ -65,3 +66,27 @@ def test_top_ps_args(vicd: Vicd):
         assert r.returncode != 0 and "Error running ps" in r.stderr
     finally:
         vicd.docker("rm", "-f", name, check=False)
+
+
+def test_update_memory_of_a_running_container_through_the_balloon(vicd: Vicd):
+    vicd.docker("run", "-d", "--name", "balloon", "busybox", "sleep", "300")
+
+    def total_mb() -> int:
+        out = vicd.docker("exec", "balloon", "free", "-m").stdout.splitlines()[1]
+        return int(out.split()[1])
+
+    before = total_mb()
+    vicd.docker("update", "-m", "128m", "balloon")
+    deadline = time.time() + 30
+    while total_mb() > 140 and time.time() < deadline:
+        time.sleep(0.5)
+    assert total_mb() <= 140 < before
+    assert vicd.inspect("balloon")["HostConfig"]["Memory"] == 128 << 20
+    r = vicd.docker("update", "-m", "1g", "balloon", check=False)
+    assert r.returncode != 0 and "cannot grow beyond" in r.stderr
+    vicd.docker("update", "-m", "256m", "balloon")  # back up to the boot size
+    deadline = time.time() + 30
+    while total_mb() < before - 8 and time.time() < deadline:
+        time.sleep(0.5)
+    assert total_mb() >= before - 8
+    vicd.docker("rm", "-f", "balloon")

@@ -2,8 +2,9 @@
 
 update: the restart policy changes live (the engine reads it at each exit).
 Resources size the VM when it boots: a stopped container keeps the new
-values for its next start; for a running one a change of memory or CPUs is
-refused with a message saying why (no balloon or CPU hotplug yet).
+values for its next start. A running one's memory changes through the VM's
+balloon (down, and up again to the boot size; a VM without one refuses);
+CPUs of a running one are refused with a message saying why.
 
 top: the guest's process table (tether ``ps``, read from /proc) formatted
 on the host like procps' ``ps`` for the usual argument sets: none / ``-ef``
@@ -51,8 +52,13 @@ async def update(engine: Engine, ref: str, body: dict[str, Any]) -> list[str]:
                                "MaximumRetryCount": int(rp.get("MaximumRetryCount") or 0)}
     changed = {k: body[k] for k in RESOURCE_KEYS if body.get(k) not in (None, 0, "")}
     live = c.state.running
+    vm = engine.rt(c).vm
+    set_memory = getattr(vm, "set_memory", None) if live else None
     refused = sorted({VM_SHAPE[k] for k, v in changed.items()
-                      if k in VM_SHAPE and v != c.host_config.get(k)})
+                      if k in VM_SHAPE and v != c.host_config.get(k)
+                      # memory changes live through the VM's balloon where it has one
+                      and not (k == "Memory" and set_memory is not None)
+                      and k != "MemorySwap"})
     if live and refused:
         raise InvalidParameter(
             f"Cannot update container {c.id}: {' and '.join(refused)} of a running container "
@@ -60,6 +66,10 @@ async def update(engine: Engine, ref: str, body: dict[str, Any]) -> list[str]:
             "it again)")
     hc.update(changed)
     _validate_host_config(hc)
+    if set_memory is not None and "Memory" in changed and changed["Memory"] != \
+            c.host_config.get("Memory"):
+        mb = max(-(-int(changed["Memory"]) // (1 << 20)), engine.config.vm_min_memory_mb)
+        await set_memory(mb)
     unused = [k for k in changed if k not in VM_SHAPE]
     if unused:
         warnings.append(f"{', '.join(sorted(unused))} stored but not enforced inside the VM")

@@ -26,7 +26,7 @@ log() { echo "guest-build: $*" >&2; }
 # Modules the guest needs beyond what is built in: the microvm transport and
 # the two devices (root disk, control port). Their dependencies are added from
 # modules.dep.
-WANT_MODULES=(virtio_mmio virtio_blk virtio_console virtio_rng virtio_net virtiofs)
+WANT_MODULES=(virtio_mmio virtio_blk virtio_console virtio_rng virtio_net virtiofs virtio_balloon)
 
 # Prints "PACKAGE VERSION" of the kernel the meta package depends on. One
 # apt-cache call: Debian's meta package pins the exact version.

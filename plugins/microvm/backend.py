@@ -26,7 +26,7 @@ from typing import Any
 
 from vicd.backend import OutputSink, StartError, VMSpec
 from vicd.config import Config
-from vicd.errors import VicdError
+from vicd.errors import InvalidParameter, VicdError
 from vicd.plugins.microvm import archive
 from vicd.plugins.microvm.binds import SharedFolder, SharedFolders
 from vicd.plugins.microvm.guest import TetherGuest, process_fields
@@ -62,7 +62,7 @@ class RestoreError(VicdError):
 
 class MicroVM(TetherGuest):
     def __init__(self, cid: str, files: VMFiles, proc: QemuProcess, conn: TetherConnection,
-                 ephemeral: bool = False) -> None:
+                 ephemeral: bool = False, memory_mb: int = 0) -> None:
         self.cid = cid
         self.ephemeral = ephemeral
         self.files = files
@@ -72,6 +72,7 @@ class MicroVM(TetherGuest):
         self.main: TetherProcess  # set once the main process runs
         self.next_chan = 2
         self.folders: SharedFolders | None = None
+        self.memory_mb = memory_mb  # the boot size; the balloon stays under it
         self._qmp: QMP | None = None
         self._killed = False
 
@@ -79,6 +80,15 @@ class MicroVM(TetherGuest):
         if self._qmp is None:
             self._qmp = await QMP.connect(str(self.files.qmp))
         return self._qmp
+
+    async def set_memory(self, mb: int) -> None:
+        """Balloon the guest to ``mb`` MiB (at most its boot size)."""
+        if mb > self.memory_mb:
+            raise InvalidParameter(
+                f"Cannot update container {self.cid}: a running container's memory cannot "
+                f"grow beyond the {self.memory_mb} MiB its VM booted with")
+        # The guest's MemTotal follows the balloon, so stats need no correction.
+        await (await self.qmp()).execute("balloon", value=mb << 20)
 
     async def pause(self) -> None:
         await (await self.qmp()).execute("stop")
@@ -319,7 +329,8 @@ class MicroVMBackend:
         proc, conn, hello = launched
         t_boot = time.monotonic() - t0
         # Volumes outlive the container: only a VM without them may end unflushed.
-        vm = MicroVM(spec.container_id, files, proc, conn, spec.ephemeral and not spec.disks)
+        vm = MicroVM(spec.container_id, files, proc, conn, spec.ephemeral and not spec.disks,
+                     spec.memory_mb)
         try:
             channel = conn.open_channel(1, sink)
             config = {
@@ -506,7 +517,7 @@ class MicroVMBackend:
             proc.kill()
             await conn.close()
             return None
-        vm = MicroVM(container_id, files, proc, conn)
+        vm = MicroVM(container_id, files, proc, conn, memory_mb=_boot_memory_mb(pid))
         vm.folders = self._folders(container_id)  # undone when this VM ends
         vm.main = TetherProcess(conn, 1, channel, int(hello.get("pid", 0) or 0))
         if hello.get("state") == "exited" and not channel.exit.done():
@@ -554,6 +565,15 @@ class MicroVMBackend:
         for sock in (files.ctl, files.qmp):
             sock.unlink(missing_ok=True)
         shutil.rmtree(self.files(container_id).dir, ignore_errors=True)
+
+
+def _boot_memory_mb(pid: int) -> int:
+    """The ``-m`` a running QEMU was started with (for a VM found after a restart)."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        return int(argv[argv.index(b"-m") + 1])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _run_dir(data_root: Path) -> Path:

@@ -139,6 +139,9 @@ def build_cmdline(
         # share their random state.
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", "virtio-rng-device,rng=rng0",
+        # docker update --memory of a running container: the balloon takes
+        # memory back from the guest (and gives it again, up to the boot size).
+        "-device", "virtio-balloon-device,id=balloon0",
         "-pidfile", str(files.pidfile),
     ]
     argv += netdev_args(nic)

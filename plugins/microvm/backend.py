@@ -361,10 +361,11 @@ class MicroVMBackend:
         vm.main = TetherProcess(conn, 1, channel, int(reply.get("pid", 0)))
         log.info(
             "container %s: VM pid %d %s in %.0f ms, process started %.0f ms later "
-            "(guest: mount %.0f ms, run %.0f ms; %s, kernel %s)",
+            "(guest: %s; %s, kernel %s)",
             spec.container_id[:12], proc.pid, how, t_boot * 1000,
-            (time.monotonic() - t0 - t_boot) * 1000, reply.get("mount_us", 0) / 1000,
-            reply.get("run_us", 0) / 1000, self.accel, hello.get("kernel"),
+            (time.monotonic() - t0 - t_boot) * 1000,
+            ", ".join(f"{k[:-3]} {v / 1000:.0f} ms" for k, v in reply.items() if k.endswith("_us")),
+            self.accel, hello.get("kernel"),
         )
         return vm
 

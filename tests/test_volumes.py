@@ -110,3 +110,20 @@ def test_tmpfs_mounts(vicd: Vicd):
     assert m == {"Type": "tmpfs", "Name": "", "Source": "", "Destination": "/t", "Driver": "",
                  "Mode": "", "RW": True, "Propagation": ""}
     vicd.docker("rm", cid)
+
+
+def test_docker_sdk_volumes(vicd: Vicd):
+    import docker
+
+    client = docker.DockerClient(base_url=vicd.host)
+    vol = client.volumes.create("sdkvol", labels={"via": "sdk"})
+    assert vol.attrs["Labels"] == {"via": "sdk"}
+    out = client.containers.run("busybox", ["sh", "-c", "echo kept > /v/f; cat /v/f"],
+                                volumes={"sdkvol": {"bind": "/v", "mode": "rw"}}, remove=True)
+    assert out == b"kept\n"
+    out = client.containers.run("busybox", ["cat", "/v/f"],
+                                volumes={"sdkvol": {"bind": "/v", "mode": "ro"}}, remove=True)
+    assert out == b"kept\n"
+    assert "sdkvol" in [v.name for v in client.volumes.list(filters={"label": "via=sdk"})]
+    vol.remove()
+    assert "sdkvol" not in [v.name for v in client.volumes.list()]

@@ -1,8 +1,8 @@
 """What the benchmarks share: the daemons (vicd, the reference dockerd), interleaved rounds,
 the result table, set-up (guest build, busybox rootfs) and clean-up, per-process memory.
 
-Used by ``bench.py``, ``bench_faststart.py`` and ``bench_pull.py`` (run as scripts: this
-directory is on ``sys.path`` then).
+Used by ``bench.py``, ``bench_faststart.py``, ``bench_pull.py`` and ``bench_storage.py`` (run
+as scripts: this directory is on ``sys.path`` then).
 """
 
 from __future__ import annotations

@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Storage: sequential write and read of a 256 MiB file inside a busybox container, on vicd and
+on the reference dockerd 20.10, side by side, interleaved in one run.
+
+Two places for the file: a named local volume (``-v benchvol:/d``; on vicd an ext4 disk image
+behind virtio-blk) and a host bind mount of a temp folder (``-v /tmp/...:/d``; on vicd shared
+through virtiofs). Each round, per place:
+
+* write: ``docker run --rm -v SPEC busybox dd if=/dev/zero of=/d/f bs=1M count=S conv=fsync``;
+* ``sync; echo 3 > /proc/sys/vm/drop_caches`` on the host;
+* read, in a second container: ``dd if=/d/f of=/dev/null bs=1M``.
+
+The rate is MiB over the time of the dd command alone, inside the container (busybox's ``time``
+applet, 10 ms resolution: Debian's busybox dd prints no bytes/seconds line), so container start
+is not in it; the whole ``docker run`` is timed too. The daemons take turns, the order reversing
+every round. The volumes, the temp folders and the daemons (with vicd's QEMU processes) are
+removed at the end.
+
+    .venv/bin/python benchmarks/bench_storage.py [--quick] [-n N] [--size-mb S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import (
+    DOCKER_CLI,
+    Daemon,
+    DockerdDaemon,
+    Row,
+    VicdDaemon,
+    build_guest,
+    busybox_rootfs,
+    dockerd_available,
+    fmt_s,
+    interleave,
+    print_table,
+    running,
+    workdir,
+)
+
+VOLUME = "benchvol"
+# Debian's busybox dd prints only "N+0 records in/out", so busybox's `time` applet times it
+# (10 ms resolution): -f "%e" prints the elapsed seconds on a line of its own.
+TIME_RE = re.compile(rb"^([0-9]+\.[0-9]+)$", re.M)
+REC_RE = re.compile(rb"^(\d+)\+(\d+) records out$", re.M)
+PLACES = ("volume", "bind")
+
+
+def drop_caches() -> None:
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def dd(d: Daemon, spec: str, *args: str) -> tuple[float, float]:
+    """One ``docker run --rm -v spec busybox time dd ... bs=1M``: (MiB/s of the dd inside the
+    container, wall time of the whole run)."""
+    t0 = time.perf_counter()
+    r = d.docker("run", "--rm", *d.net, "-v", spec, "busybox", "time", "-f", "%e", "dd", *args)
+    wall = time.perf_counter() - t0
+    t, rec = TIME_RE.search(r.stderr), REC_RE.search(r.stderr)
+    if not t or not rec or rec[2] != b"0":
+        raise RuntimeError(f"[{d.name}] no dd/time summary in {r.stderr!r}")
+    return int(rec[1]) / max(float(t[1]), 0.01), wall  # whole 1 MiB records
+
+
+def round_(d: Daemon, specs: dict[str, str], size_mb: int) -> dict[str, float]:
+    """Write then read in every place: {"PLACE write", "PLACE read"} MiB/s, and "... wall" s."""
+    out: dict[str, float] = {}
+    for place in PLACES:
+        drop_caches()
+        rate, wall = dd(d, specs[place], "if=/dev/zero", "of=/d/f", "bs=1M",
+                        f"count={size_mb}", "conv=fsync")
+        out[f"{place} write"], out[f"{place} write wall"] = rate, wall
+        drop_caches()
+        rate, wall = dd(d, specs[place], "if=/d/f", "of=/dev/null", "bs=1M")
+        out[f"{place} read"], out[f"{place} read wall"] = rate, wall
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-n", "--rounds", type=int, help="rounds per daemon (3)")
+    ap.add_argument("--size-mb", type=int, default=256, help="MiB written and read (256)")
+    ap.add_argument("--quick", action="store_true", help="n=1")
+    ap.add_argument("--vicd-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for 'vicd serve' (repeatable)")
+    ap.add_argument("--json", metavar="FILE", help="also write the raw samples here")
+    a = ap.parse_args()
+    if a.rounds is None:
+        a.rounds = 1 if a.quick else 3
+    if not dockerd_available():
+        print("reference dockerd or /usr/local/bin/docker missing (or not root)", file=sys.stderr)
+        return 2
+
+    build_guest()
+    with workdir("vs") as work:
+        vicd = VicdDaemon(work / "v", a.vicd_arg)
+        daemons: list[Daemon] = [vicd, DockerdDaemon()]
+        rootfs = busybox_rootfs(work / "busybox.tar")
+        specs: dict[str, dict[str, str]] = {}
+        for d in daemons:
+            bind = work / f"bind-{d.name}"
+            bind.mkdir()
+            specs[d.name] = {"volume": f"{VOLUME}:/d", "bind": f"{bind}:/d"}
+        with running(daemons):
+            try:
+                for d in daemons:
+                    d.docker("import", str(rootfs), "busybox:latest")
+                    d.docker("volume", "create", VOLUME)
+                    d.docker("run", "--rm", *d.net, "busybox", "true")  # untimed warm-up
+                print(f"dd {a.size_mb} MiB: {a.rounds} round(s) ...", file=sys.stderr)
+                samples = interleave(daemons, a.rounds,
+                                     lambda d, i: round_(d, specs[d.name], a.size_mb))
+            finally:
+                for d in daemons:
+                    d.docker("volume", "rm", "-f", VOLUME, check=False)
+            log = vicd.log.read_text(errors="replace")
+            accel = m[1] if (m := re.search(r"accelerator (\w+)", log)) else "?"
+
+    names = [d.name for d in daemons]
+    rows: list[Row] = []
+    for place in PLACES:
+        for op in ("write", "read"):
+            key = f"{place} {op}"
+            rows.append((f"{key} (dd), median", {n: statistics.median(s[key] for s in samples[n])
+                                                 for n in names}, lambda x: f"{x:.0f} MiB/s"))
+    for place in PLACES:
+        for op in ("write", "read"):
+            key = f"{place} {op} wall"
+            rows.append((f"{place} {op}: whole docker run, median",
+                         {n: statistics.median(s[key] for s in samples[n]) for n in names}, fmt_s))
+    print_table(rows, names, [("vicd/dockerd", "vicd", "dockerd")])
+    print(f"\n(stock docker CLI {DOCKER_CLI}; n={a.rounds}; {a.size_mb} MiB, bs=1M, write with "
+          f"conv=fsync; host page cache dropped before each write and read; volume: "
+          f"-v {VOLUME}:/d, bind: -v /tmp/...:/d; vicd accelerator: {accel}; "
+          f"dockerd: --network none)")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"samples": samples, "args": vars(a)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

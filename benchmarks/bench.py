@@ -32,13 +32,14 @@ from common import (
     DockerdDaemon,
     Row,
     VicdDaemon,
+    add_shared_args,
     build_guest,
     busybox_rootfs,
-    dockerd_available,
     fmt_s,
     http_unix,
     interleave,
     print_table,
+    reference_missing,
     running,
     workdir,
 )
@@ -62,9 +63,7 @@ def main() -> int:
     ap.add_argument("-c", "--count", type=int, help="containers present for ps -a (200)")
     ap.add_argument("-p", "--ps-runs", type=int, help="docker ps -a rounds per daemon (10)")
     ap.add_argument("--quick", action="store_true", help="n=3, m=20, p=5 (count stays 200)")
-    ap.add_argument("--vicd-arg", action="append", default=[], metavar="ARG",
-                    help="extra argument for 'vicd serve' (repeatable), e.g. --no-templates")
-    ap.add_argument("--json", metavar="FILE", help="also write the raw samples here")
+    add_shared_args(ap, "extra argument for 'vicd serve' (repeatable), e.g. --no-templates")
     a = ap.parse_args()
     quick = {"runs": 3, "creates": 20, "ps_runs": 5}
     full = {"runs": 10, "creates": 50, "ps_runs": 10}
@@ -75,8 +74,7 @@ def main() -> int:
         a.count = 200
     if a.count < a.creates:
         ap.error("--count must be >= --creates")
-    if not dockerd_available():
-        print("reference dockerd or /usr/local/bin/docker missing (or not root)", file=sys.stderr)
+    if reference_missing():
         return 2
 
     build_guest()

@@ -43,13 +43,14 @@ from common import (
     DockerdDaemon,
     Row,
     VicdDaemon,
+    add_shared_args,
     build_guest,
     busybox_rootfs,
-    dockerd_available,
     fmt_mb,
     fmt_s,
     interleave,
     print_table,
+    reference_missing,
     running,
     smaps_rollup,
     workdir,
@@ -154,15 +155,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="n=3, b=1")
     ap.add_argument("--vicd-network", default="default", choices=["default", "none"],
                     help="vicd's --network (default: its slirp NIC; dockerd always has none)")
-    ap.add_argument("--vicd-arg", action="append", default=[], metavar="ARG",
-                    help="extra argument for both 'vicd serve' (repeatable)")
-    ap.add_argument("--json", metavar="FILE", help="also write the raw samples here")
+    add_shared_args(ap, "extra argument for both 'vicd serve' (repeatable)")
     a = ap.parse_args()
     for k, quick, full in (("runs", 3, 10), ("batches", 1, 3)):
         if getattr(a, k) is None:
             setattr(a, k, quick if a.quick else full)
-    if not dockerd_available():
-        print("reference dockerd or /usr/local/bin/docker missing (or not root)", file=sys.stderr)
+    if reference_missing():
         return 2
 
     build_guest()

@@ -33,12 +33,13 @@ from common import (
     DockerdDaemon,
     Row,
     VicdDaemon,
+    add_shared_args,
     build_guest,
-    dockerd_available,
     fmt_mb,
     fmt_s,
     interleave,
     print_table,
+    reference_missing,
     running,
     workdir,
 )
@@ -90,14 +91,11 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4, help="layers in the image (4)")
     ap.add_argument("--layer-mb", type=int, default=4, help="MiB of data per layer (4)")
     ap.add_argument("--quick", action="store_true", help="n=3")
-    ap.add_argument("--vicd-arg", action="append", default=[], metavar="ARG",
-                    help="extra argument for 'vicd serve' (repeatable)")
-    ap.add_argument("--json", metavar="FILE", help="also write the raw samples here")
+    add_shared_args(ap)
     a = ap.parse_args()
     if a.rounds is None:
         a.rounds = 3 if a.quick else 7
-    if not dockerd_available():
-        print("reference dockerd or /usr/local/bin/docker missing (or not root)", file=sys.stderr)
+    if reference_missing():
         return 2
     if not registries_available():
         print("docker-registry, skopeo or htpasswd missing (contrib/install.sh)", file=sys.stderr)

@@ -36,12 +36,13 @@ from common import (
     DockerdDaemon,
     Row,
     VicdDaemon,
+    add_shared_args,
     build_guest,
     busybox_rootfs,
-    dockerd_available,
     fmt_s,
     interleave,
     print_table,
+    reference_missing,
     running,
     workdir,
 )
@@ -90,14 +91,11 @@ def main() -> int:
     ap.add_argument("-n", "--rounds", type=int, help="rounds per daemon (3)")
     ap.add_argument("--size-mb", type=int, default=256, help="MiB written and read (256)")
     ap.add_argument("--quick", action="store_true", help="n=1")
-    ap.add_argument("--vicd-arg", action="append", default=[], metavar="ARG",
-                    help="extra argument for 'vicd serve' (repeatable)")
-    ap.add_argument("--json", metavar="FILE", help="also write the raw samples here")
+    add_shared_args(ap)
     a = ap.parse_args()
     if a.rounds is None:
         a.rounds = 1 if a.quick else 3
-    if not dockerd_available():
-        print("reference dockerd or /usr/local/bin/docker missing (or not root)", file=sys.stderr)
+    if reference_missing():
         return 2
 
     build_guest()

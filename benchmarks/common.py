@@ -7,6 +7,7 @@ as scripts: this directory is on ``sys.path`` then).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -27,7 +28,8 @@ from refdockerd import DOCKER_CLI, RefDockerd, dockerd_available  # noqa: E402
 from vicd.testing import kill_vms, qemu_pids, stop_process, wait_for_ping  # noqa: E402
 
 __all__ = ["DOCKER_CLI", "GUEST_DIR", "NET", "REPO", "Daemon", "DockerdDaemon", "VicdDaemon",
-           "busybox_rootfs", "build_guest", "dockerd_available", "fmt_mb", "fmt_s", "http_unix",
+           "add_shared_args", "busybox_rootfs", "build_guest", "dockerd_available", "fmt_mb",
+           "fmt_s", "http_unix", "reference_missing",
            "interleave", "print_table", "Row", "running", "smaps_rollup", "workdir"]
 
 GUEST_DIR = Path(os.environ.get("VICD_GUEST_DIR", REPO / ".cache" / "guest"))
@@ -143,6 +145,21 @@ class DockerdDaemon(Daemon):
 
 
 # --- set-up and clean-up -----------------------------------------------------------------------
+
+
+def add_shared_args(ap: argparse.ArgumentParser,
+                    vicd_help: str = "extra argument for 'vicd serve' (repeatable)") -> None:
+    """The options every benchmark takes: extra vicd flags and a raw-samples file."""
+    ap.add_argument("--vicd-arg", action="append", default=[], metavar="ARG", help=vicd_help)
+    ap.add_argument("--json", metavar="FILE", help="also write the raw samples here")
+
+
+def reference_missing() -> bool:
+    """True (after saying why) when the reference dockerd cannot run here."""
+    if dockerd_available():
+        return False
+    print("reference dockerd or /usr/local/bin/docker missing (or not root)", file=sys.stderr)
+    return True
 
 
 def build_guest() -> None:

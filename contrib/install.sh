@@ -11,7 +11,8 @@ START=1
 
 APT_PACKAGES=(qemu-system-x86 qemu-utils busybox-static golang-go e2fsprogs lz4 xz-utils
               socat docker.io cpio python3-venv golang-github-docker-docker-dev
-              docker-registry apache2-utils skopeo golang-github-vmware-govmomi-dev)
+              docker-registry apache2-utils skopeo golang-github-vmware-govmomi-dev
+              docker-compose)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -143,6 +143,15 @@ class VM(Protocol):
         """Extract a tar stream into the directory at path; with ``chown_user``
         (a container user spec) every file becomes that user's (docker cp -a)."""
         ...
+    async def connect_nic(self, nic: dict[str, Any]) -> None:
+        """Plug a ``NicSpec`` (as a dict) into the running VM's slot ``nic["slot"]``
+        and configure it in the guest (docker network connect)."""
+        ...
+
+    async def disconnect_nic(self, slot: int) -> None:
+        """Unplug the NIC in ``slot`` and take it down in the guest."""
+        ...
+
     async def kill(self) -> None:
         """End the VM at once (the process exit code becomes 137)."""
         ...
@@ -154,6 +163,9 @@ class VM(Protocol):
 
 class ComputeBackend(Protocol):
     name: str
+    # How many NICs on driver networks a VM can have besides the built-in
+    # egress NIC (microvm: fixed slots in the template's device layout).
+    nic_slots: int
 
     async def setup(self) -> None:
         """Once at daemon start: probe accelerators, check the guest build."""

@@ -54,8 +54,16 @@ def register_volume_drivers(config: Config) -> dict[str, Any]:
 def register_network_drivers(config: Config) -> dict[str, Any]:
     """Offer network drivers (Docker network-driver shape), by name.
 
+    Called once at daemon start. A driver implements
+    ``vicd.network_driver.NetworkDriver`` (create/delete network, create/delete
+    endpoint, join/leave); ``join`` returns the NIC backing the compute
+    backend plugs (``NicSpec.backing``). The microvm backend's local
+    ``bridge`` driver is registered ``trylast``.
+
     :param config: the daemon's configuration.
-    :return: a mapping of driver name to a factory ``factory(config)``.
+    :return: a mapping of driver name to a factory ``factory(config)``; a
+        driver for another backend than ``config.backend`` should not offer
+        itself.
     """
 
 

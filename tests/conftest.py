@@ -113,3 +113,11 @@ def fresh_vicd(guest_dir: Path, busybox_tar: Path, tmp_path: Path) -> Iterator[V
     yield d
     d.stop()
     d.kill_vms()
+
+
+@pytest.fixture
+def docker_config(tmp_path: Path) -> dict[str, str]:
+    """A private client config dir (as env for Vicd.docker): logins must not touch ~/.docker."""
+    d = tmp_path / "dockercfg"
+    d.mkdir()
+    return {"DOCKER_CONFIG": str(d)}

@@ -27,12 +27,18 @@ from pathlib import Path
 
 import pytest
 
+from token_server import TokenServer
 from vicd.testing import stop_process
 
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 SKOPEO = shutil.which("skopeo") or "/usr/bin/skopeo"
 HTPASSWD = shutil.which("htpasswd") or "/usr/bin/htpasswd"
 USER, PASSWORD = "vicduser", "s3cret-Pa55word-xyz"
+
+
+def lines(out: str) -> list[str]:
+    """The non-empty lines of a command's output, stripped."""
+    return [x.strip() for x in out.splitlines() if x.strip()]
 
 
 def free_port() -> int:
@@ -50,6 +56,7 @@ class Registry:
     dir: Path
     port: int = 0
     htpasswd: bool = False
+    token: TokenServer | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -63,7 +70,7 @@ class Registry:
     def start(self) -> None:
         self.port = self.port or free_port()
         self.dir.mkdir(parents=True, exist_ok=True)
-        auth = ""
+        auth = self.token.registry_auth_yaml() if self.token else ""
         if self.htpasswd:
             out = subprocess.run([HTPASSWD, "-Bbn", USER, PASSWORD], check=True,
                                  capture_output=True, text=True).stdout
@@ -108,7 +115,7 @@ class Registry:
 
     def skopeo_copy(self, layout: Path, ref_name: str, dest: str, *extra: str) -> None:
         cmd = [SKOPEO, "copy", "--quiet", "--dest-tls-verify=false", *extra]
-        if self.htpasswd:
+        if self.htpasswd or self.token:
             cmd.append(f"--dest-creds={USER}:{PASSWORD}")
         cmd += [f"oci:{layout}:{ref_name}", f"docker://{self.host}/{dest}"]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -146,6 +153,24 @@ def auth_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry
     reg = _start(tmp_path_factory.mktemp("authregistry"), True)
     yield reg
     reg.stop()
+
+
+@pytest.fixture(scope="session")
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    """docker-registry doing token auth against a TokenServer (tests/token_server.py) that
+    knows USER/PASSWORD; the server is `registry.token`."""
+    base = tmp_path_factory.mktemp("tokenregistry")
+    server = TokenServer(base / "token", {USER: PASSWORD})
+    server.start()
+    reg = Registry(base, token=server)
+    try:
+        reg.start()
+    except BaseException:
+        server.stop()
+        raise
+    yield reg
+    reg.stop()
+    server.stop()
 
 
 # ---------------------------------------------------------------- OCI layouts

@@ -1,6 +1,6 @@
 """docker pull / push / login / import-from-URL against real registries (Debian's
-docker-registry on loopback ports), driven with the stock docker CLI; plus the bearer-token
-dance against a small aiohttp token server, and unit checks of the client's pieces."""
+docker-registry on loopback ports), driven with the stock docker CLI, and unit checks of the
+client's pieces. Token auth: test_registry_token.py."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import docker
 import pytest
-from aiohttp import web
 
 from conftest import Vicd
 from refdockerd import RefDockerd, dockerd  # noqa: F401
@@ -27,21 +26,18 @@ from registry_fixture import (
     Registry,
     ThrottledProxy,
     auth_registry,  # noqa: F401
+    lines,
     registries_available,
     registry,  # noqa: F401
     tar_bytes,
 )
 from vicd import registry as reg_mod
-from vicd.registry import AuthConfig, RegistryClient, RegistryError, Unauthorized
+from vicd.registry import AuthConfig
 
 pytestmark = pytest.mark.skipif(not registries_available(),
                                 reason="docker-registry/skopeo/htpasswd not installed")
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-
-
-def lines(out: str) -> list[str]:
-    return [x.strip() for x in out.splitlines() if x.strip()]
 
 
 def sdk(v: Vicd) -> docker.APIClient:
@@ -60,14 +56,6 @@ def layout(tmp_path_factory: pytest.TempPathFactory, busybox_tar: Path) -> Path:
     arm64 = oci.image([tar_bytes({"arm64-only": b"fake arm64 layer\n"})], arch="arm64")
     oci.multi([amd64, arm64], "multi")
     return d
-
-
-@pytest.fixture
-def docker_config(tmp_path: Path) -> dict[str, str]:
-    """A private client config dir: logins must not touch ~/.docker."""
-    d = tmp_path / "dockercfg"
-    d.mkdir()
-    return {"DOCKER_CONFIG": str(d)}
 
 
 def events_since(v: Vicd, since: float, action: str) -> list[dict]:
@@ -355,65 +343,6 @@ def test_dockerd_pulls_what_vicd_pushed(
     r = dockerd.docker("run", "--rm", *RefDockerd.NET, ref, "echo", "from-vicd")
     assert r.stdout.strip() == "from-vicd"
     dockerd.docker("rmi", ref)
-
-
-# ---------------------------------------------------------------- bearer tokens (fake auth)
-
-
-def _token_app() -> web.Application:
-    """A registry front that wants Bearer tokens from its own /token realm."""
-    good = "Basic " + base64.b64encode(b"alice:wonderland").decode()
-
-    async def v2(request: web.Request) -> web.Response:
-        realm = f"http://{request.host}/token"
-        auth = request.headers.get("Authorization", "")
-        if auth == "Bearer tok-pull" or auth == "Bearer tok-login":
-            if request.path == "/v2/" or auth == "Bearer tok-pull":
-                if request.path.endswith("/manifests/1"):
-                    return web.Response(body=b'{"schemaVersion":2}',
-                                        content_type="application/json")
-                return web.json_response({})
-        scope = "repository:x:pull" if "manifests" in request.path else ""
-        challenge = f'Bearer realm="{realm}",service="fake"' + (
-            f',scope="{scope}"' if scope else "")
-        return web.json_response(
-            {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]},
-            status=401, headers={"WWW-Authenticate": challenge})
-
-    async def token(request: web.Request) -> web.Response:
-        if request.headers.get("Authorization") != good:
-            return web.json_response({"details": "incorrect username or password"}, status=401)
-        assert request.query.get("service") == "fake"
-        scope = request.query.get("scope", "")
-        return web.json_response({"token": "tok-pull" if scope else "tok-login",
-                                  "expires_in": 300})
-
-    app = web.Application()
-    app.router.add_get("/v2/", v2)
-    app.router.add_get("/v2/x/manifests/1", v2)
-    app.router.add_get("/token", token)
-    return app
-
-
-async def test_bearer_token_dance(aiohttp_server) -> None:
-    server = await aiohttp_server(_token_app())
-    domain = f"127.0.0.1:{server.port}"
-    async with RegistryClient(domain, AuthConfig("alice", "wonderland")) as c:
-        assert await c.ping() == 401
-        assert c.base == f"http://{domain}"
-        raw, _, digest = await c.get_manifest("x", "1")
-        assert raw == b'{"schemaVersion":2}' and digest.startswith("sha256:")
-    assert await reg_mod.login(AuthConfig("alice", "wonderland", domain), []) == \
-        ("Login Succeeded", "")
-    with pytest.raises(Unauthorized) as e:
-        await reg_mod.login(AuthConfig("alice", "nope-secret", domain), [])
-    assert "incorrect username or password" in e.value.message
-    assert "nope-secret" not in e.value.message
-    async with RegistryClient(domain, AuthConfig("alice", "bad-secret")) as c:
-        with pytest.raises(RegistryError) as e2:
-            await c.get_manifest("x", "1")
-    assert e2.value.message == (f'Get "http://{domain}/v2/x/manifests/1": '
-                                "unauthorized: incorrect username or password")
 
 
 # ---------------------------------------------------------------- small pieces

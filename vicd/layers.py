@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
 
+import zstandard
+
 from vicd.errors import InvalidParameter
 
 WHITEOUT_PREFIX = ".wh."
@@ -33,11 +35,6 @@ WHITEOUT_META_PREFIX = ".wh..wh."
 WHITEOUT_OPAQUE = ".wh..wh..opq"
 CHUNK = 1 << 20
 MAX_SYMLINKS = 40
-
-try:  # optional dependency: zstd layers only when the module exists
-    import zstandard  # type: ignore[import-not-found]
-except ImportError:  # pragma: no cover - depends on environment
-    zstandard = None
 
 
 @dataclass(frozen=True)
@@ -137,9 +134,8 @@ def decompressed(src: IO[bytes]) -> tuple[IO[bytes], str]:
     if kind == "xz":
         return lzma.LZMAFile(raw), kind
     if kind == "zstd":
-        if zstandard is None:
-            raise InvalidParameter("zstd-compressed layer but the zstandard module is missing")
-        return zstandard.ZstdDecompressor().stream_reader(raw), kind
+        # a layer may hold several frames (parallel encoders write them)
+        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True), kind
     return raw, kind
 
 

@@ -233,7 +233,15 @@ def _net_error(method: str, url: str, e: BaseException) -> RegistryError:
 
 
 async def _api_error(resp: aiohttp.ClientResponse) -> RegistryError:
-    """distribution's HandleErrorResponse."""
+    """distribution's HandleErrorResponse: an OAuth error in the bearer challenge
+    (RFC 6750 3.1) comes first, then the errors in the body."""
+    bearer = parse_challenges(resp.headers.get("WWW-Authenticate", "")).get("bearer") or {}
+    oauth_code = {"invalid_token": "UNAUTHORIZED", "insufficient_scope": "DENIED"}.get(
+        bearer.get("error", ""))
+    if 400 <= resp.status < 500 and oauth_code:
+        default = {"UNAUTHORIZED": "authentication required",
+                   "DENIED": "requested access to the resource is denied"}[oauth_code]
+        return APIError(oauth_code, bearer.get("error_description") or default, resp.status)
     body = await resp.content.read(1 << 20)
     with contextlib.suppress(ValueError, TypeError, AttributeError):
         data = json.loads(body)
@@ -413,21 +421,18 @@ class RegistryClient:
         realm = params.get("realm", "")
         if not realm:
             raise RegistryError(f'{method.capitalize()} "{url}": bearer challenge without realm')
-        query: dict[str, str] = {}
-        if params.get("service"):
-            query["service"] = params["service"]
-        if scope:
-            query["scope"] = scope
+        service = [("service", params["service"])] if params.get("service") else []
         refresh = self.auth.identitytoken or self.refresh_token
         try:
-            if refresh:
-                form = {"grant_type": "refresh_token", "refresh_token": refresh,
-                        "client_id": "docker", **query}  # fmt: skip
+            if refresh:  # OAuth2 form: all scopes in one space-separated field
+                form = [("grant_type", "refresh_token"), ("refresh_token", refresh),
+                        ("client_id", "docker"), *service, ("scope", scope)]  # fmt: skip
                 ctx = self.session.post(realm, data=form, ssl=self._ssl(realm))
-            else:
+            else:  # one `scope` parameter per scope, as dockerd sends them
+                query = [*service, *(("scope", s) for s in scope.split())]
                 if self.auth.has_password:
-                    query.update({"account": self.auth.username, "client_id": "docker",
-                                  "offline_token": "true"})  # fmt: skip
+                    query += [("account", self.auth.username), ("client_id", "docker"),
+                              ("offline_token", "true")]  # fmt: skip
                 hdrs = {"Authorization": _basic(self.auth)} if self.auth.has_password else {}
                 sep = "&" if "?" in realm else "?"
                 ctx = self.session.get(realm + (sep + urlencode(query) if query else ""),
@@ -536,7 +541,7 @@ class RegistryClient:
     ) -> bool:
         """POST an upload (or a cross-repo mount), then PUT the whole blob. Returns True
         when the blob was mounted instead of uploaded."""
-        scope = f"repository:{path}:pull,push"
+        scope = f"repository:{path}:push,pull"
         if mount_from:
             scope += f" repository:{mount_from}:pull"
         q = f"?{urlencode({'mount': digest, 'from': mount_from})}" if mount_from else ""
@@ -556,7 +561,7 @@ class RegistryClient:
 
     async def put_manifest(self, path: str, tag: str, raw: bytes, media_type: str) -> str:
         async with self.request("PUT", f"/v2/{path}/manifests/{tag}",
-                                f"repository:{path}:pull,push",
+                                f"repository:{path}:push,pull",
                                 {"Content-Type": media_type}, data=raw,
                                 ok=(200, 201, 202)):  # fmt: skip
             pass
@@ -937,7 +942,7 @@ class Pusher:
         self.repo = repo
         self.tags = tags
         self.client = RegistryClient(repo.domain, auth, list(insecure_registries))
-        self.scope = f"repository:{repo.path}:pull,push"
+        self.scope = f"repository:{repo.path}:push,pull"
 
     async def __aenter__(self) -> Pusher:
         await self.client.__aenter__()

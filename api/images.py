@@ -21,11 +21,12 @@ from vicd.api.streams import stream_chunks
 from vicd.errors import InvalidParameter, NotFound, VicdError
 from vicd.filters import parse_filters
 from vicd.image_store import apply_changes
+from vicd.push import Pusher
 from vicd.references import parse_normalized
 from vicd.registry import (
     AuthConfig,
     Puller,
-    Pusher,
+    TransferOptions,
     download_url,
     error_line,
     pull_reference,
@@ -164,8 +165,8 @@ async def _pull(request: web.Request) -> web.StreamResponse:
     daemon = request.app[DAEMON]
     ref = pull_reference(request.query.get("fromImage", ""), request.query.get("tag", ""))
     auth = AuthConfig.from_header(request.headers.get("X-Registry-Auth"))
-    insecure = list(getattr(daemon.config, "insecure_registries", []) or [])
-    puller = Puller(request.app[IMAGES], ref, auth, insecure, request.query.get("platform", ""))
+    opts = TransferOptions.from_config(daemon.config)
+    puller = Puller(request.app[IMAGES], ref, auth, opts, request.query.get("platform", ""))
     async with puller:
         await puller.resolve()
         stream = _ProgressStream(request)
@@ -247,9 +248,9 @@ async def push(request: web.Request) -> web.StreamResponse:
     if not tags:
         raise NotFound(f"An image does not exist locally with the tag: {repo.familiar_name()}")
     auth = AuthConfig.from_header(request.headers.get("X-Registry-Auth"))
-    insecure = list(getattr(daemon.config, "insecure_registries", []) or [])
     pushed: list[tuple[str, str, int]] = []
-    async with Pusher(store, repo, tags, auth, insecure) as pusher:
+    opts = TransferOptions.from_config(daemon.config)
+    async with Pusher(store, repo, tags, auth, opts) as pusher:
         stream = _ProgressStream(request)
         async with stream:
             pushed = await pusher.run(stream.emit)

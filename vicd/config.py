@@ -37,6 +37,12 @@ class Config:
     labels: list[str] = field(default_factory=list)
     # Registries reached over plain HTTP (host[:port]); loopback ones always may be.
     insecure_registries: list[str] = field(default_factory=list)
+    # Registry transfers, as dockerd's options of the same names.
+    max_concurrent_downloads: int = 3
+    max_concurrent_uploads: int = 5
+    max_download_attempts: int = 5
+    # Push: blobs larger than this many bytes go in PATCH chunks of this size.
+    push_chunk_size: int = 16 << 20
     # Per-plugin tables from the TOML file ([plugins.<name>]).
     plugins: dict[str, Any] = field(default_factory=dict)
 

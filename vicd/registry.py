@@ -15,14 +15,12 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import gzip
 import hashlib
 import ipaddress
 import json
 import logging
 import os
 import re
-import shutil
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -62,13 +60,29 @@ DEFAULT_REGISTRY_HOST = "registry-1.docker.io"
 INDEX_SERVER = "https://index.docker.io/v1/"
 MAX_MANIFEST_BYTES = 4 << 20  # dockerd's limit for manifests
 MAX_CONFIG_BYTES = 8 << 20
-MAX_DOWNLOADS = 3  # dockerd's max-concurrent-downloads
-MAX_UPLOADS = 5  # dockerd's max-concurrent-uploads
 CHUNK = 1 << 16
 PROGRESS_EVERY = 0.1  # seconds between two progress lines of one layer
 USER_AGENT = "vicd (docker-compatible; registry client)"
 
 Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class TransferOptions:
+    """The daemon's settings for pulls and pushes (dockerd's option names in comments)."""
+
+    insecure_registries: tuple[str, ...] = ()
+    max_downloads: int = 3  # max-concurrent-downloads
+    max_uploads: int = 5  # max-concurrent-uploads
+    max_download_attempts: int = 5  # max-download-attempts
+    # A blob larger than this is pushed in PATCH chunks of this size, a smaller one in one PUT.
+    push_chunk_size: int = 16 << 20
+
+    @classmethod
+    def from_config(cls, config: Any) -> TransferOptions:
+        return cls(tuple(config.insecure_registries), config.max_concurrent_downloads,
+                   config.max_concurrent_uploads, config.max_download_attempts,
+                   config.push_chunk_size)  # fmt: skip
 
 
 class RegistryError(VicdError):
@@ -205,6 +219,11 @@ def parse_challenges(header: str) -> dict[str, dict[str, str]]:
     return out
 
 
+def push_scope(path: str) -> str:
+    """The token scope a push asks for (dockerd's order of actions)."""
+    return f"repository:{path}:push,pull"
+
+
 def _basic(auth: AuthConfig) -> str:
     return "Basic " + base64.b64encode(f"{auth.username}:{auth.password}".encode()).decode()
 
@@ -325,7 +344,7 @@ def error_line(message: str) -> dict[str, Any]:
     return {"errorDetail": {"message": message}, "error": message}
 
 
-class _Throttle:
+class Throttle:
     """At most one progress line per PROGRESS_EVERY for one layer (the last always)."""
 
     def __init__(self) -> None:
@@ -536,33 +555,59 @@ class RegistryClient:
                 return None
             return int(resp.headers.get("Content-Length", "0") or 0)
 
-    async def upload_blob(
-        self, path: str, digest: str, size: int, body: Any, mount_from: str = ""
-    ) -> bool:
-        """POST an upload (or a cross-repo mount), then PUT the whole blob. Returns True
-        when the blob was mounted instead of uploaded."""
-        scope = f"repository:{path}:push,pull"
-        if mount_from:
-            scope += f" repository:{mount_from}:pull"
+    async def start_upload(self, path: str, digest: str = "", mount_from: str = "") -> str | None:
+        """POST an upload session: its URL. With mount_from, ask for a cross-repository
+        mount of `digest` first: None when the registry mounted it (201), else the URL of
+        the plain upload it opened instead (202)."""
+        scope = push_scope(path) + (f" repository:{mount_from}:pull" if mount_from else "")
         q = f"?{urlencode({'mount': digest, 'from': mount_from})}" if mount_from else ""
         async with self.request("POST", f"/v2/{path}/blobs/uploads/{q}", scope,
                                 ok=(201, 202)) as resp:  # fmt: skip
             if resp.status == 201:
-                return True
+                return None
             location = resp.headers.get("Location", "")
         if not location:
             raise RegistryError("registry sent no upload location")
-        url = urljoin(self.base + "/", location)
+        return urljoin(self.base + "/", location)
+
+    async def cancel_upload(self, path: str, url: str) -> None:
+        """DELETE an upload session we will not use (a mount the registry did not do)."""
+        with contextlib.suppress(RegistryError):
+            async with self.request("DELETE", url, push_scope(path), ok=(202, 204, 404)):
+                pass
+
+    async def patch_chunk(self, path: str, url: str, start: int, length: int, body: Any) -> str:
+        """PATCH one chunk at `start` (Content-Range); returns the URL for the next request.
+        The registry's Range answer must cover exactly what was sent so far."""
+        end = start + length - 1
+        headers = {"Content-Type": "application/octet-stream", "Content-Range": f"{start}-{end}",
+                   "Content-Length": str(length)}  # fmt: skip
+        async with self.request("PATCH", url, push_scope(path), headers, data=body,
+                                ok=(202,)) as resp:  # fmt: skip
+            location = resp.headers.get("Location", "")
+            got = resp.headers.get("Range", "")
+        if got and got.removeprefix("bytes=") != f"0-{end}":
+            raise RegistryError(f"upload chunk rejected: registry has {got}, sent 0-{end}")
+        return urljoin(url, location) if location else url
+
+    async def finish_upload(
+        self, path: str, url: str, digest: str, body: Any = b"", length: int = 0
+    ) -> None:
+        """PUT ?digest= closes the upload (with the whole blob: a monolithic upload)."""
         url += ("&" if "?" in url else "?") + urlencode({"digest": digest})
-        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-        async with self.request("PUT", url, scope, headers, data=body, ok=(201, 204)):
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(length)}
+        async with self.request("PUT", url, push_scope(path), headers, data=body,
+                                ok=(201, 204)):  # fmt: skip
             pass
-        return False
+
+    async def upload_bytes(self, path: str, digest: str, data: bytes) -> None:
+        url = await self.start_upload(path)
+        assert url is not None
+        await self.finish_upload(path, url, digest, data, len(data))
 
     async def put_manifest(self, path: str, tag: str, raw: bytes, media_type: str) -> str:
         async with self.request("PUT", f"/v2/{path}/manifests/{tag}",
-                                f"repository:{path}:push,pull",
-                                {"Content-Type": media_type}, data=raw,
+                                push_scope(path), {"Content-Type": media_type}, data=raw,
                                 ok=(200, 201, 202)):  # fmt: skip
             pass
         return "sha256:" + hashlib.sha256(raw).hexdigest()
@@ -671,13 +716,14 @@ class Puller:
         store: Any,
         ref: Reference,
         auth: AuthConfig,
-        insecure_registries: list[str],
+        opts: TransferOptions,
         platform: str = "",
     ) -> None:
         self.store = store
         self.ref = ref
+        self.opts = opts
         self.platform = parse_platform(platform)
-        self.client = RegistryClient(ref.domain, auth, list(insecure_registries))
+        self.client = RegistryClient(ref.domain, auth, list(opts.insecure_registries))
         self.manifest: bytes = b""
         self.media_type = ""
         self.manifest_digest = ""
@@ -739,7 +785,7 @@ class Puller:
         return await self._commit(config_raw, layers, emit)
 
     async def _download_all(self, layers: list[_Layer], emit: Progress) -> None:
-        sem = asyncio.Semaphore(MAX_DOWNLOADS)
+        sem = asyncio.Semaphore(self.opts.max_downloads)
         cache = self.store.pull_cache_dir()
         by_digest: dict[str, asyncio.Task[Path]] = {}
         for layer in layers:
@@ -766,11 +812,13 @@ class Puller:
             os.link(final, mine)  # verified by an earlier attempt
             emit(status("Download complete", layer.short))
             return mine
+        if sem.locked():  # queued behind max_concurrent_downloads others
+            emit(status("Waiting", layer.short))
         async with sem:
             partial = cache / f"{hexd}.{self.token}.partial"
             h = hashlib.sha256()
             got = shown = 0
-            throttle = _Throttle()
+            throttle = Throttle()
             start = time.time()
             f = await asyncio.to_thread(open, partial, "wb")
             try:
@@ -820,7 +868,7 @@ class Puller:
                 return fut.result()
             return wait
 
-        throttles: dict[int, _Throttle] = {}
+        throttles: dict[int, Throttle] = {}
 
         def on_extract(i: int, current: int, total: int, done: bool) -> None:
             layer = layers[i]
@@ -828,7 +876,7 @@ class Puller:
                 return
             if done:
                 emit(status("Pull complete", layer.short))
-            elif throttles.setdefault(i, _Throttle()).ready(current >= total):
+            elif throttles.setdefault(i, Throttle()).ready(current >= total):
                 emit(progress_line("Extracting", layer.short, current, total))
 
         refs = [self.ref]
@@ -884,158 +932,6 @@ def _json_object(raw: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-# ---------------------------------------------------------------- push
-
-
-def schema2_manifest(config_raw: bytes, layers: list[dict[str, Any]]) -> bytes:
-    """Docker manifest v2 schema 2, indented like dockerd's (json.MarshalIndent, 3 spaces)
-    so the same image pushed by either gets the same digest."""
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": DOCKER_MANIFEST,
-        "config": {"mediaType": DOCKER_CONFIG, "size": len(config_raw),
-                   "digest": "sha256:" + hashlib.sha256(config_raw).hexdigest()},
-        "layers": [{"mediaType": DOCKER_LAYER, "size": d["size"], "digest": d["digest"]}
-                   for d in layers],
-    }  # fmt: skip
-    return json.dumps(manifest, indent=3).encode()
-
-
-def gzip_file(src: Path, dst: Path) -> tuple[str, int]:
-    """Deterministic gzip (mtime 0, no name): the same layer always gets the same digest."""
-    h = hashlib.sha256()
-
-    class _Hashing:
-        def __init__(self, f: Any) -> None:
-            self.f = f
-            self.size = 0
-
-        def write(self, b: bytes) -> int:
-            h.update(b)
-            self.size += len(b)
-            return self.f.write(b)
-
-        def flush(self) -> None:
-            self.f.flush()
-
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        out = _Hashing(fout)
-        gz = gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0)  # type: ignore[arg-type]
-        with gz:
-            shutil.copyfileobj(fin, gz, 1 << 20)
-        fout.flush()
-    return "sha256:" + h.hexdigest(), out.size
-
-
-class Pusher:
-    """`docker push` of one repository (one tag, or all its tags) from an ImageStore."""
-
-    def __init__(
-        self,
-        store: Any,
-        repo: Reference,
-        tags: list[str],
-        auth: AuthConfig,
-        insecure_registries: list[str],
-    ) -> None:
-        self.store = store
-        self.repo = repo
-        self.tags = tags
-        self.client = RegistryClient(repo.domain, auth, list(insecure_registries))
-        self.scope = f"repository:{repo.path}:push,pull"
-
-    async def __aenter__(self) -> Pusher:
-        await self.client.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.client.__aexit__(*exc)
-
-    async def run(self, emit: Progress) -> list[tuple[str, str, int]]:
-        """Returns [(tag, manifest digest, size)]."""
-        emit(status(f"The push refers to repository [{self.repo.name}]"))
-        await self.client.ping()
-        out = []
-        for tag in self.tags:
-            out.append(await self._push_tag(tag, emit))
-        return out
-
-    async def _push_tag(self, tag: str, emit: Progress) -> tuple[str, str, int]:
-        ref = self.repo.with_tag(tag)
-        with self.store.pinned_image(str(ref)) as (img_id, config_raw, layer_paths):
-            diff_ids = list(json.loads(config_raw)["rootfs"]["diff_ids"])
-            for d in reversed(diff_ids):
-                emit(status("Preparing", d.split(":", 1)[-1][:12]))
-            sem = asyncio.Semaphore(MAX_UPLOADS)
-            done: dict[str, asyncio.Task[dict[str, Any]]] = {}
-            for d, p in zip(diff_ids, layer_paths, strict=True):
-                if d not in done:
-                    done[d] = asyncio.create_task(self._push_layer(d, p, sem, emit))
-            try:
-                descs = [await done[d] for d in diff_ids]
-            finally:
-                for t in done.values():
-                    t.cancel()
-                await asyncio.gather(*done.values(), return_exceptions=True)
-            cfg_digest = "sha256:" + hashlib.sha256(config_raw).hexdigest()
-            if await self.client.blob_exists(self.repo.path, cfg_digest, self.scope) is None:
-                await self.client.upload_blob(self.repo.path, cfg_digest, len(config_raw),
-                                              config_raw)  # fmt: skip
-            manifest = schema2_manifest(config_raw, descs)
-            digest = await self.client.put_manifest(self.repo.path, tag, manifest,
-                                                    DOCKER_MANIFEST)  # fmt: skip
-            await asyncio.to_thread(self.store.add_repo_digest, self.repo, digest, img_id)
-        emit(status(f"{tag}: digest: {digest} size: {len(manifest)}"))
-        emit({"progressDetail": {},
-              "aux": {"Tag": tag, "Digest": digest, "Size": len(manifest)}})  # fmt: skip
-        return tag, digest, len(manifest)
-
-    async def _push_layer(
-        self, diff_id: str, path: Path, sem: asyncio.Semaphore, emit: Progress
-    ) -> dict[str, Any]:
-        short = diff_id.split(":", 1)[-1][:12]
-        async with sem:
-            for known in self.store.blobsums(diff_id):
-                if known.get("mediaType", DOCKER_LAYER) not in (
-                    DOCKER_LAYER, "application/vnd.oci.image.layer.v1.tar+gzip"
-                ):
-                    continue
-                size = await self.client.blob_exists(self.repo.path, known["digest"], self.scope)
-                if size is not None:
-                    emit(status("Layer already exists", short))
-                    return {"digest": known["digest"], "size": size}
-            tmp = self.store.pull_cache_dir() / f"push-{short}-{os.getpid()}-{id(self)}.gz"
-            try:
-                digest, size = await asyncio.to_thread(gzip_file, path, tmp)
-                if await self.client.blob_exists(self.repo.path, digest, self.scope) is not None:
-                    emit(status("Layer already exists", short))
-                else:
-                    await self.client.upload_blob(self.repo.path, digest, size,
-                                                  _file_sender(tmp, size, short, emit))
-                    emit(status("Pushed", short))
-            finally:
-                tmp.unlink(missing_ok=True)
-            desc = {"digest": digest, "size": size, "mediaType": DOCKER_LAYER,
-                    "repo": self.repo.name}  # fmt: skip
-            await asyncio.to_thread(self.store.add_blobsum, diff_id, desc)
-            return {"digest": digest, "size": size}
-
-
-async def _file_sender(path: Path, size: int, short: str, emit: Progress) -> AsyncIterator[bytes]:
-    throttle = _Throttle()
-    start = time.time()
-    sent = 0
-    f = await asyncio.to_thread(open, path, "rb")
-    try:
-        while chunk := await asyncio.to_thread(f.read, 1 << 19):
-            sent += len(chunk)
-            if throttle.ready(sent >= size):
-                emit(progress_line("Pushing", short, sent, size, start))
-            yield chunk
-    finally:
-        f.close()
-
-
 # ---------------------------------------------------------------- login
 
 
@@ -1085,7 +981,7 @@ async def download_url(url: str, dst: Path, emit: Progress | None = None) -> Non
                 raise (NotFound(msg) if resp.status == 404 else RegistryError(msg))
             total = resp.content_length or 0
             got = 0
-            throttle = _Throttle()
+            throttle = Throttle()
             start = time.time()
             with open(dst, "wb") as f:
                 async for chunk in resp.content.iter_chunked(1 << 20):

@@ -92,6 +92,15 @@ def new_vicd(base: Path) -> Vicd:
     return Vicd(sock=sockdir / "d.sock", data_root=base / "data", log=base / "vicd.log")
 
 
+def configured_vicd(base: Path, config: str) -> Vicd:
+    """A started daemon with `config` as its TOML file and no templates (for tests that run
+    no container: registry transfers)."""
+    (base / "vicd.toml").write_text(config)
+    d = new_vicd(base)
+    d.start("--config", str(base / "vicd.toml"), "--no-templates")
+    return d
+
+
 @pytest.fixture(scope="session")
 def vicd(guest_dir: Path, busybox_tar: Path, tmp_path_factory: pytest.TempPathFactory
          ) -> Iterator[Vicd]:

@@ -243,12 +243,19 @@ class OCILayout:
 
 
 class ThrottledProxy:
-    """Relays 127.0.0.1:port -> target at `rate` bytes/s (downstream), so a download lasts
-    long enough to be interrupted. kill_all() cuts every connection."""
+    """Relays 127.0.0.1:port -> target at `rate` bytes/s (downstream; 0: no limit), so a
+    download lasts long enough to be interrupted. kill_all() cuts every connection; with
+    `cut_after`, the connection that carries the registry's cut_after-th byte (counted over
+    all connections) is cut once. `sent` holds everything the clients sent (request heads)."""
 
-    def __init__(self, target_port: int, rate: int) -> None:
+    def __init__(self, target_port: int, rate: int = 0, cut_after: int | None = None) -> None:
         self.target_port = target_port
         self.rate = rate
+        self.cut_after = cut_after
+        self.received = 0
+        self.cuts = 0
+        self.sent = bytearray()
+        self.lock = threading.Lock()
         self.srv = socket.socket()
         self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.srv.bind(("127.0.0.1", 0))
@@ -271,8 +278,8 @@ class ThrottledProxy:
                 continue
             u.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
             self.conns += [c, u]
-            threading.Thread(target=self._pipe, args=(c, u, 0), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(u, c, self.rate), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(c, u, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(u, c, True), daemon=True).start()
 
     @staticmethod
     def _pipe_close(*socks: socket.socket) -> None:
@@ -283,15 +290,30 @@ class ThrottledProxy:
                 pass
             s.close()
 
-    def _pipe(self, src: socket.socket, dst: socket.socket, rate: int) -> None:
+    def _pipe(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
         try:
             while True:
                 data = src.recv(16384)
                 if not data:
                     break
+                if not downstream:
+                    with self.lock:
+                        self.sent += data
+                    dst.sendall(data)
+                    continue
+                with self.lock:
+                    before = self.received
+                    self.received += len(data)
+                    cut = (self.cut_after is not None and self.cuts == 0
+                           and before < self.cut_after <= self.received)
+                    if cut:
+                        self.cuts += 1
+                if cut:
+                    dst.sendall(data[: self.cut_after - before])
+                    break
                 dst.sendall(data)
-                if rate:
-                    time.sleep(len(data) / rate)
+                if self.rate:
+                    time.sleep(len(data) / self.rate)
         except OSError:
             pass
         self._pipe_close(src, dst)

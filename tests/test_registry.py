@@ -9,6 +9,7 @@ import gzip
 import http.server
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +18,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from conftest import Vicd
+from conftest import Vicd, configured_vicd
 from refdockerd import RefDockerd, dockerd  # noqa: F401
 from registry_fixture import (
     PASSWORD,
@@ -209,13 +210,31 @@ def test_blob_digest_mismatch_refused(vicd: Vicd, registry: Registry, tmp_path: 
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0xFF
     blob.write_bytes(bytes(data))
+    store = vicd.data_root / "images"
+    blobs_before = set(os.listdir(store / "blobs/sha256"))
     r = vicd.docker("pull", f"{registry.host}/corrupt:1", check=False)
     assert r.returncode != 0
     assert f"filesystem layer verification failed for digest {layer}" in r.stderr + r.stdout
+    assert "Retrying" not in r.stdout  # a whole download that fails its digest is final
     assert vicd.docker("images", "-q", f"{registry.host}/corrupt").stdout.strip() == ""
+    # nothing left behind: no new blob in the store, no file of it in the pull cache
+    assert set(os.listdir(store / "blobs/sha256")) == blobs_before
+    assert not [p for p in (store / "tmp/pull-cache").iterdir()
+                if p.name.startswith(layer.split(":")[1])]
 
 
-def test_interrupted_pull_leaves_no_image(vicd: Vicd, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def noretry_vicd(guest_dir: Path, busybox_tar: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vicd]:
+    """A daemon that gives up on the first broken download (max_download_attempts = 0)."""
+    d = configured_vicd(tmp_path_factory.mktemp("noretry"), "max_download_attempts = 0\n")
+    d.docker("import", str(busybox_tar), "busybox:latest")
+    yield d
+    d.stop()
+
+
+def test_interrupted_pull_leaves_no_image(noretry_vicd: Vicd, tmp_path: Path) -> None:
+    vicd = noretry_vicd
     reg = Registry(tmp_path / "reg")
     reg.start()
     proxy = None
@@ -250,6 +269,41 @@ def test_interrupted_pull_leaves_no_image(vicd: Vicd, tmp_path: Path) -> None:
         if proxy:
             proxy.close()
         reg.stop()
+
+
+def test_broken_download_is_retried_and_resumed(vicd: Vicd, registry: Registry,  # noqa: F811
+                                                tmp_path: Path) -> None:
+    """A connection cut mid-blob (once, by a proxy): dockerd's countdown, then a Range request
+    that the registry answers with 206, and the pull completes with the right image."""
+    oci = OCILayout(tmp_path / "oci")
+    oci.tag(oci.image([tar_bytes({"r.bin": os.urandom(4 << 20)})]), "r")
+    registry.skopeo_copy(tmp_path / "oci", "r", "resume:1")
+    manifest = json.loads(registry.manifest("resume", "1",
+                                            "application/vnd.oci.image.manifest.v1+json")[0])
+    layer = manifest["layers"][0]
+    proxy = ThrottledProxy(registry.port, cut_after=2 << 20)
+    ref = f"127.0.0.1:{proxy.port}/resume:1"
+    try:
+        items = list(sdk(vicd).pull(f"127.0.0.1:{proxy.port}/resume", tag="1", stream=True,
+                                    decode=True))
+    finally:
+        proxy.close()
+    statuses = [i.get("status", "") for i in items]
+    assert proxy.cuts == 1
+    assert statuses[-1] == f"Status: Downloaded newer image for {ref}", items[-3:]
+    retry = [s for s in statuses if s.startswith("Retrying in")]
+    assert retry == [f"Retrying in {n} second{'s' if n > 1 else ''}" for n in range(5, 0, -1)]
+    # resumed, not restarted: the first Downloading line after the countdown starts past 1 MiB
+    after = statuses.index("Retrying in 1 second")
+    resumed = [i for i in items[after:] if i.get("status") == "Downloading"]
+    assert resumed and resumed[0]["progressDetail"]["current"] > 1 << 20
+    assert resumed[-1]["progressDetail"]["current"] == layer["size"]
+    assert re.search(rb"Range: bytes=\d+-", bytes(proxy.sent))
+    log = (registry.dir / "registry.log").read_text()
+    assert f'"GET /v2/resume/blobs/{layer["digest"]} HTTP/1.1" 206' in log
+    assert vicd.inspect(ref)["RootFS"]["Layers"] == json.loads(
+        registry.blob_file(manifest["config"]["digest"]).read_bytes())["rootfs"]["diff_ids"]
+    vicd.docker("rmi", ref)
 
 
 # ---------------------------------------------------------------- basic auth and login

@@ -13,7 +13,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from conftest import Vicd, new_vicd
+from conftest import Vicd, configured_vicd
 from registry_fixture import (
     OCILayout,
     Registry,
@@ -32,10 +32,8 @@ CHUNK = 256 << 10
 @pytest.fixture(scope="module")
 def push_vicd(guest_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vicd]:
     """A daemon that uploads one layer at a time, in 256 KiB chunks (no VM is run here)."""
-    base = tmp_path_factory.mktemp("pushvicd")
-    (base / "vicd.toml").write_text(f"push_chunk_size = {CHUNK}\nmax_concurrent_uploads = 1\n")
-    d = new_vicd(base)
-    d.start("--config", str(base / "vicd.toml"), "--no-templates")
+    d = configured_vicd(tmp_path_factory.mktemp("pushvicd"),
+                        f"push_chunk_size = {CHUNK}\nmax_concurrent_uploads = 1\n")
     yield d
     d.stop()
 

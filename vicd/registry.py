@@ -62,6 +62,7 @@ MAX_MANIFEST_BYTES = 4 << 20  # dockerd's limit for manifests
 MAX_CONFIG_BYTES = 8 << 20
 CHUNK = 1 << 16
 PROGRESS_EVERY = 0.1  # seconds between two progress lines of one layer
+RETRY_STEP = 5  # dockerd waits 5 s before the first retry of a download, 10 s before the 2nd...
 USER_AGENT = "vicd (docker-compatible; registry client)"
 
 Progress = Callable[[dict[str, Any]], None]
@@ -86,7 +87,10 @@ class TransferOptions:
 
 
 class RegistryError(VicdError):
-    """A registry operation failed: HTTP 500 unless a subclass says otherwise."""
+    """A registry operation failed: HTTP 500 unless a subclass says otherwise. `retryable`:
+    a transfer may try again (network trouble, a 5xx), as dockerd's retryOnError allows."""
+
+    retryable = False
 
 
 class Unauthorized(RegistryError):
@@ -248,10 +252,18 @@ def _net_error(method: str, url: str, e: BaseException) -> RegistryError:
         reason = "net/http: request canceled (Client.Timeout exceeded while awaiting headers)"
     else:
         reason = str(e) or type(e).__name__
-    return RegistryError(f'{method.capitalize()} "{url}": {reason}')
+    err = RegistryError(f'{method.capitalize()} "{url}": {reason}')
+    err.retryable = True
+    return err
 
 
 async def _api_error(resp: aiohttp.ClientResponse) -> RegistryError:
+    err = await _error_of(resp)
+    err.retryable = resp.status >= 500
+    return err
+
+
+async def _error_of(resp: aiohttp.ClientResponse) -> RegistryError:
     """distribution's HandleErrorResponse: an OAuth error in the bearer challenge
     (RFC 6750 3.1) comes first, then the errors in the body."""
     bearer = parse_challenges(resp.headers.get("WWW-Authenticate", "")).get("bearer") or {}
@@ -691,6 +703,37 @@ def select_manifest(index: dict[str, Any], platform: tuple[str, str, str]) -> di
 # ---------------------------------------------------------------- pull
 
 
+class _PartialBlob:
+    """A blob being downloaded: its file, the bytes so far and their running sha256."""
+
+    def __init__(self, path: Path, start: float) -> None:
+        self.path = path
+        self.start = start
+        self.file = open(path, "wb")  # noqa: SIM115
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self.resumed = False
+
+    def write(self, chunk: bytes) -> None:
+        self.file.write(chunk)
+        self.hash.update(chunk)
+        self.size += len(chunk)
+
+    def truncate(self) -> None:
+        self.file.seek(0)
+        self.file.truncate()
+        self.hash = hashlib.sha256()
+        self.size = 0
+        self.resumed = False
+
+    def close(self) -> None:
+        _flush_close(self.file)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.path.unlink(missing_ok=True)
+
+
 @dataclass
 class _Layer:
     digest: str
@@ -816,43 +859,74 @@ class Puller:
             emit(status("Waiting", layer.short))
         async with sem:
             partial = cache / f"{hexd}.{self.token}.partial"
-            h = hashlib.sha256()
-            got = shown = 0
-            throttle = Throttle()
-            start = time.time()
-            f = await asyncio.to_thread(open, partial, "wb")
+            blob = await asyncio.to_thread(_PartialBlob, partial, time.time())
             try:
-                async with self.client.request(
-                    "GET", f"/v2/{self.ref.path}/blobs/{layer.digest}",
-                    f"repository:{self.ref.path}:pull",
-                ) as resp:
-                    total = layer.size if layer.size > 0 else (resp.content_length or 0)
-                    async for chunk in resp.content.iter_chunked(CHUNK):
-                        h.update(chunk)
-                        got += len(chunk)
-                        if layer.size > 0 and got > layer.size:
-                            break
-                        await asyncio.to_thread(f.write, chunk)
-                        if throttle.ready():
-                            shown = got
-                            emit(progress_line("Downloading", layer.short, got, total, start))
-                if shown != got:
-                    emit(progress_line("Downloading", layer.short, got, total, start))
-                await asyncio.to_thread(_flush_close, f)
+                await self._fetch_with_retries(layer, blob, emit)
             except BaseException:
-                f.close()
-                partial.unlink(missing_ok=True)
+                blob.discard()
                 raise
-            emit(status("Verifying Checksum", layer.short))
-            if h.hexdigest() != hexd or (layer.size > 0 and got != layer.size):
-                partial.unlink(missing_ok=True)
-                raise RegistryError(f"filesystem layer verification failed for digest "
-                                    f"{layer.digest}")  # fmt: skip
             os.replace(partial, mine)
             with contextlib.suppress(FileExistsError):
                 os.link(mine, final)
             emit(status("Download complete", layer.short))
             return mine
+
+    async def _fetch_with_retries(self, layer: _Layer, blob: _PartialBlob, emit: Progress) -> None:
+        """dockerd's download loop: a failed attempt is retried after 5 s, 10 s, ... with a
+        `Retrying in N seconds` countdown (max_download_attempts retries), resuming with a
+        Range request; a digest mismatch is final unless the download was resumed."""
+        retries = 0
+        while True:
+            try:
+                await self._fetch(layer, blob, emit)
+                emit(status("Verifying Checksum", layer.short))
+                if blob.hash.hexdigest() != _sha256_hex(layer.digest) or (
+                    layer.size > 0 and blob.size != layer.size
+                ):
+                    resumed = blob.resumed
+                    blob.truncate()
+                    err = RegistryError(f"filesystem layer verification failed for digest "
+                                        f"{layer.digest}")  # fmt: skip
+                    err.retryable = resumed
+                    raise err
+                await asyncio.to_thread(blob.close)
+                return
+            except RegistryError as e:
+                retries += 1
+                if not e.retryable or retries > self.opts.max_download_attempts:
+                    raise
+                log.info("download of %s failed, retrying (%d/%d): %s", layer.digest, retries,
+                         self.opts.max_download_attempts, e.message)
+            for left in range(retries * RETRY_STEP, 0, -1):
+                emit(status(f"Retrying in {left} second{'s' if left != 1 else ''}", layer.short))
+                await asyncio.sleep(1)
+
+    async def _fetch(self, layer: _Layer, blob: _PartialBlob, emit: Progress) -> None:
+        """One GET of the blob into `blob`, from where the last attempt stopped."""
+        headers = {"Range": f"bytes={blob.size}-"} if blob.size else {}
+        async with self.client.request(
+            "GET", f"/v2/{self.ref.path}/blobs/{layer.digest}",
+            f"repository:{self.ref.path}:pull", headers, ok=(200, 206),
+        ) as resp:
+            if blob.size and (resp.status != 206 or not resp.headers.get(
+                    "Content-Range", "").startswith(f"bytes {blob.size}-")):
+                blob.truncate()  # no resume from this registry: start again
+            elif blob.size:
+                blob.resumed = True
+            total = layer.size if layer.size > 0 else (resp.content_length or 0) + blob.size
+            throttle = Throttle()
+            shown = blob.size
+            async for chunk in resp.content.iter_chunked(CHUNK):
+                if layer.size > 0 and blob.size + len(chunk) > layer.size:
+                    blob.hash.update(chunk)  # too long: the checksum will fail
+                    blob.size += len(chunk)
+                    break
+                await asyncio.to_thread(blob.write, chunk)
+                if throttle.ready():
+                    shown = blob.size
+                    emit(progress_line("Downloading", layer.short, blob.size, total, blob.start))
+        if shown != blob.size:
+            emit(progress_line("Downloading", layer.short, blob.size, total, blob.start))
 
     async def _commit(
         self, config_raw: bytes, layers: list[_Layer], emit: Progress

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from token_server import TokenServer
 from vicd.testing import stop_process
@@ -203,13 +204,18 @@ class OCILayout:
         return {"mediaType": media_type, "digest": f"sha256:{hexd}", "size": len(data), **extra}
 
     def image(self, layer_tars: list[bytes], arch: str = "amd64",
-              cmd: list[str] | None = None) -> dict:
-        """An OCI image manifest (gzip layers); returns its descriptor with the platform."""
+              cmd: list[str] | None = None, zstd: tuple[int, ...] = ()) -> dict:
+        """An OCI image manifest (gzip layers, zstd for the indexes in `zstd`); returns its
+        descriptor with the platform."""
         layers, diff_ids = [], []
-        for t in layer_tars:
+        for i, t in enumerate(layer_tars):
             diff_ids.append("sha256:" + hashlib.sha256(t).hexdigest())
-            layers.append(self.blob(gzip.compress(t, mtime=0),
-                                    "application/vnd.oci.image.layer.v1.tar+gzip"))
+            if i in zstd:
+                layers.append(self.blob(zstandard.ZstdCompressor().compress(t),
+                                        "application/vnd.oci.image.layer.v1.tar+zstd"))
+            else:
+                layers.append(self.blob(gzip.compress(t, mtime=0),
+                                        "application/vnd.oci.image.layer.v1.tar+gzip"))
         config = {
             "created": "2024-01-02T03:04:05Z", "architecture": arch, "os": "linux",
             "config": {"Cmd": cmd or ["/bin/sh"], "Env": ["PATH=/usr/bin:/bin:/sbin"]},

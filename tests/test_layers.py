@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from vicd.errors import InvalidParameter
 from vicd.layers import Limits, apply_layer, scan_layer
@@ -131,6 +132,20 @@ def test_gzip_and_diff_id_of_uncompressed(root: Path):
     assert info.compression == "gzip"
     assert info.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
     assert (root / "f").read_bytes() == b"hello"
+
+
+def test_zstd_multi_frame_and_bomb(root: Path):
+    data = make_tar(("f", "file", b"hello"), ("g", "file", b"world"))
+    two_frames = zstandard.ZstdCompressor().compress(data[:700]) + \
+        zstandard.ZstdCompressor().compress(data[700:])
+    info = apply(two_frames, root)
+    assert info.compression == "zstd"
+    assert info.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert (root / "g").read_bytes() == b"world"
+    bomb = zstandard.ZstdCompressor().compress(make_tar(("z", "file", b"\0" * 5_000_000)))
+    assert len(bomb) < 20_000
+    with pytest.raises(InvalidParameter, match="size limit"):
+        apply(bomb, root, limits=Limits(max_bytes=1_000_000))
 
 
 def test_scan_copies_uncompressed(tmp_path: Path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import http.server
 import json
 import os
@@ -143,6 +144,34 @@ def test_pull_docker_schema2_from_skopeo(vicd: Vicd, registry: Registry, layout:
     vicd.docker("rmi", ref)
 
 
+def test_pull_zstd_layers(vicd: Vicd, registry: Registry, tmp_path: Path,  # noqa: F811
+                          busybox_tar: Path) -> None:
+    """An OCI tar+zstd layer (copied in by skopeo as it is): pulled, run, and pushed on as
+    gzip (the registry's manifest then names only gzip layers)."""
+    oci = OCILayout(tmp_path / "oci")
+    extra = tar_bytes({"etc/zstd.txt": b"from a zstd layer\n" * 1000})
+    oci.tag(oci.image([busybox_tar.read_bytes(), extra], zstd=(1,)), "z")
+    registry.skopeo_copy(tmp_path / "oci", "z", "zstd:1")
+    manifest = json.loads(registry.manifest("zstd", "1",
+                                            "application/vnd.oci.image.manifest.v1+json")[0])
+    assert manifest["layers"][1]["mediaType"] == "application/vnd.oci.image.layer.v1.tar+zstd"
+    ref = f"{registry.host}/zstd:1"
+    out = vicd.docker("pull", ref).stdout
+    assert f"Status: Downloaded newer image for {ref}" in out
+    layers = vicd.inspect(ref)["RootFS"]["Layers"]
+    assert layers[1] == "sha256:" + hashlib.sha256(extra).hexdigest()
+    r = vicd.docker("run", "--rm", ref, "sh", "-c", "head -1 /etc/zstd.txt; wc -l < /etc/zstd.txt")
+    assert r.stdout.split() == ["from", "a", "zstd", "layer", "1000"]
+
+    again = f"{registry.host}/zstd-as-gzip:1"
+    vicd.docker("tag", ref, again)
+    vicd.docker("push", again)
+    pushed = json.loads(registry.manifest("zstd-as-gzip", "1", DOCKER_MANIFEST)[0])
+    assert [la["mediaType"] for la in pushed["layers"]] == [
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"] * 2
+    vicd.docker("rmi", ref, again)
+
+
 def test_manifest_list_platform_selection(vicd: Vicd, registry: Registry, layout: Path) -> None:  # noqa: F811
     registry.skopeo_copy(layout, "multi", "multi:1", "--all")
     raw, _ = registry.manifest("multi", "1", "application/vnd.oci.image.index.v1+json")
@@ -153,7 +182,7 @@ def test_manifest_list_platform_selection(vicd: Vicd, registry: Registry, layout
     assert vicd.docker("run", "--rm", ref, "cat", "/etc/vicd-layer.txt").stdout == \
         "second layer here\n"
     # the list's digest is the repo digest, as dockerd records it
-    index_digest = "sha256:" + __import__("hashlib").sha256(raw).hexdigest()
+    index_digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     assert vicd.inspect(ref)["RepoDigests"] == [f"{registry.host}/multi@{index_digest}"]
 
     vicd.docker("pull", "--platform", "linux/arm64", ref)

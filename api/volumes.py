@@ -29,20 +29,22 @@ async def create(request: web.Request) -> web.Response:
 async def list_volumes(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     filters = parse_filters(request.query.get("filters"))
-    out = [engine.volumes.view(v) for v in engine.volumes.list()
+    # A shared driver (vmdk) lists from its storage: off the event loop.
+    out = [engine.volumes.view(v) for v in await asyncio.to_thread(engine.volumes.list)
            if engine.volumes.matches(v, filters, bool(engine.volume_users(v.name)))]
     return json_response({"Volumes": out, "Warnings": None})
 
 
 async def inspect(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    return json_response(engine.volumes.view(engine.volumes.get(request.match_info["name"])))
+    v = await asyncio.to_thread(engine.volumes.get, request.match_info["name"])
+    return json_response(engine.volumes.view(v))
 
 
 async def remove(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     name = request.match_info["name"]
-    v = engine.volumes.get(name)
+    v = await asyncio.to_thread(engine.volumes.get, name)
     await asyncio.to_thread(engine.volumes.remove, name, engine.volume_users(name),
                             q_bool(request, "force"))
     request.app[EVENTS].publish("volume", "destroy", name, driver=v.driver)
@@ -56,7 +58,7 @@ async def prune(request: web.Request) -> web.Response:
     everything = filters.pop("all", ["false"])[0].lower() in ("1", "true") or \
         api_version(request) < (1, 42)
     deleted, reclaimed = [], 0
-    for v in engine.volumes.list():
+    for v in await asyncio.to_thread(engine.volumes.list):
         if engine.volume_users(v.name) or (not everything and not v.anonymous):
             continue
         if not engine.volumes.matches(v, {k: f for k, f in filters.items() if k != "until"},

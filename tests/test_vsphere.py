@@ -113,7 +113,7 @@ def test_exit_codes(vsphere: VSphereEnv) -> None:
     r = d.docker("run", "--rm", "busybox", "nosuchcommand", check=False)
     assert r.returncode == 127
     r = d.docker("run", "--rm", "-v", "/tmp:/host", "busybox", "true", check=False)
-    assert r.returncode != 0 and "does not support volumes" in r.stderr
+    assert r.returncode != 0 and "does not support bind mounts" in r.stderr
 
 
 def test_recover_ps_a_with_empty_data_root(vsphere: VSphereEnv, busybox_tar: Path) -> None:

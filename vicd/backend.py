@@ -39,6 +39,9 @@ class DiskSpec:
     fmt: str = "raw"
     # A new volume: the guest copies the image's files at target into it first.
     copy_up: bool = False
+    # The disk may be blank (made by the storage, not by vicd): the guest
+    # makes its filesystem on first use.
+    mkfs: bool = False
 
 
 @dataclass

@@ -10,6 +10,7 @@ what the data is (a disk image, a VMDK) is the driver's business.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
 import shutil
@@ -19,11 +20,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vicd.backend import DiskSpec
-from vicd.errors import Conflict, InvalidParameter, NotFound
+from vicd.errors import Conflict, InvalidParameter, NotFound, VicdError
 from vicd.filters import check_keys, label_matches
 from vicd.store import write_json_atomic
 from vicd.timefmt import rfc3339_now
 
+log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]+$")
 VOLUME_FILTERS = {"dangling", "driver", "label", "name"}
 
@@ -56,6 +58,24 @@ class VolumeDriver(Protocol):
     def usage(self, name: str) -> int:
         """Bytes used, for ``docker system df -v``; -1 if unknown."""
         ...
+
+
+class SharedVolumeDriver(VolumeDriver, Protocol):
+    """A driver whose volumes live outside the data root (a datastore) and are
+    seen by every daemon using it: it keeps each volume's record (the
+    ``Volume`` fields) with the volume, so a daemon with an empty data root,
+    or a second one, lists them all (Docker's ``List``/``Get``)."""
+
+    def list_records(self) -> list[dict[str, Any]]:
+        """Every volume's stored record."""
+        ...
+
+    def save_record(self, name: str, record: dict[str, Any]) -> None: ...
+
+
+def is_shared(driver: object) -> bool:
+    return callable(getattr(driver, "list_records", None)) and callable(
+        getattr(driver, "save_record", None))
 
 
 @dataclass
@@ -96,6 +116,8 @@ class VolumeManager:
         return d
 
     def get(self, name: str) -> Volume:
+        if not self._meta(name).is_file():
+            self._sync_shared()
         try:
             data = json.loads(self._meta(name).read_text())
         except (OSError, ValueError):
@@ -103,18 +125,57 @@ class VolumeManager:
         return Volume(**data)
 
     def exists(self, name: str) -> bool:
-        return self._meta(name).is_file()
+        if self._meta(name).is_file():
+            return True
+        # Made by another daemon (or before the data root was emptied)?
+        return self._sync_shared() and self._meta(name).is_file()
 
     def save(self, v: Volume) -> None:
         write_json_atomic(self._meta(v.name), asdict(v))
+        drv = self.drivers.get(v.driver)
+        if drv is not None and is_shared(drv):
+            drv.save_record(v.name, asdict(v))  # type: ignore[attr-defined]
+
+    def _sync_shared(self) -> bool:
+        """Adopt the shared drivers' volumes this data root lacks and forget
+        those removed elsewhere. False if there is no shared driver."""
+        shared = {n: d for n, d in self.drivers.items() if is_shared(d)}
+        for drv_name, drv in shared.items():
+            try:
+                records = drv.list_records()  # type: ignore[attr-defined]
+            except VicdError as e:
+                log.warning("volume driver %s: cannot list volumes: %s", drv_name, e.message)
+                continue
+            known = set()
+            for rec in records:
+                try:
+                    v = Volume(**{k: rec[k] for k in rec if k in Volume.__dataclass_fields__})
+                    check_volume_name(v.name)
+                except (TypeError, InvalidParameter):
+                    continue
+                known.add(v.name)
+                if not self._meta(v.name).is_file():
+                    self._meta(v.name).parent.mkdir(parents=True, exist_ok=True)
+                    write_json_atomic(self._meta(v.name), asdict(v))
+            for d in self.root.iterdir():
+                meta = d / "meta.json"
+                if d.name not in known and meta.is_file():
+                    try:
+                        gone = json.loads(meta.read_text()).get("driver") == drv_name
+                    except (OSError, ValueError):
+                        gone = False
+                    if gone:
+                        shutil.rmtree(d, ignore_errors=True)
+        return bool(shared)
 
     def list(self) -> list[Volume]:
+        self._sync_shared()
         out = []
         for d in sorted(self.root.iterdir()):
             if (d / "meta.json").is_file():
                 try:
-                    out.append(self.get(d.name))
-                except NotFound:
+                    out.append(Volume(**json.loads((d / "meta.json").read_text())))
+                except (OSError, ValueError, TypeError):
                     continue
         return out
 

@@ -216,6 +216,19 @@ mkdir -p "$CACHE/gocache" "$CACHE/gopath"
         go build -trimpath -ldflags "-s -w" -o "$STAGE/init" .)
 chmod 0755 "$STAGE/init"
 
+# --- mke2fs: blank volume disks (a VMDK made by CreateVirtualDisk_Task) get
+# their ext4 in the guest on first use. The host's binary with the libraries
+# ldd names, at the same paths.
+log "adding mke2fs"
+MKE2FS=$(command -v mke2fs || echo /sbin/mke2fs)
+mkdir -p "$STAGE/sbin"
+cp -L "$MKE2FS" "$STAGE/sbin/mke2fs"
+ldd "$MKE2FS" | awk '{ for (i = 1; i <= NF; i++) if ($i ~ /^\//) print $i }' | while read -r lib; do
+    mkdir -p "$STAGE$(dirname "$lib")"
+    cp -L "$lib" "$STAGE$lib"
+done
+if [ -f /etc/mke2fs.conf ]; then mkdir -p "$STAGE/etc" && cp /etc/mke2fs.conf "$STAGE/etc/"; fi
+
 # --- initrd: newc cpio written by Python (no cpio tool needed, and it can add
 # /dev/console without root-owned device nodes on disk), gzip -n for
 # reproducibility.

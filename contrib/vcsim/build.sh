@@ -7,7 +7,8 @@ REPO=$(cd "$HERE/../.." && pwd)
 OUT=${1:-$REPO/.cache/vcsim/vcsim}
 GP=$REPO/.cache/vcsim/gopath
 mkdir -p "$GP/src/vicd-vcsim" "$(dirname "$OUT")"
-cp "$HERE/main.go" "$GP/src/vicd-vcsim/main.go"
-if [ -x "$OUT" ] && [ "$OUT" -nt "$HERE/main.go" ]; then exit 0; fi
+cp "$HERE"/*.go "$GP/src/vicd-vcsim/"
+NEWEST=$(ls -t "$HERE"/*.go | head -n1)
+if [ -x "$OUT" ] && [ "$OUT" -nt "$NEWEST" ]; then exit 0; fi
 cd "$GP/src/vicd-vcsim"
 GOPATH="$GP:/usr/share/gocode" GO111MODULE=off go build -o "$OUT" .

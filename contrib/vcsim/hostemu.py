@@ -5,7 +5,9 @@ daemon) and, for every container VM (extraConfig ``vicd.id``) powered on,
 boots the same microVM the embedded backend uses (plugins/microvm/qemu.py:
 the guest from .cache/guest, the container's disk as a qcow2 overlay over
 the image's VMDK uploaded to the datastore, ``vicd.image_vmdk``; else
-the daemon's local ext4, ``vicd.image_disk``). The guest's channel connects
+the daemon's local ext4, ``vicd.image_disk``; then the VM's
+independent-persistent disks, docker volumes, straight from the datastore
+files). The guest's channel connects
 where the VM's VirtualSerialPort URI points (``tcp://host:port``, QEMU as
 the client, reconnecting like ESXi does), and the kernel command line tells
 the tether its id (on ESXi: guestinfo). When the guest ends, the simulated
@@ -35,6 +37,7 @@ from pyVmomi import vim
 from vicd.plugins.microvm.qemu import QemuProcess, VMFiles, build_cmdline
 from vicd.plugins.microvm.qmp import QMP, QMPError
 from vicd.plugins.vsphere.client import VimClient
+from vicd.plugins.vsphere.disks import volume_disks
 from vicd.plugins.vsphere.settings import VSphereSettings
 from vicd.plugins.vsphere.view import PROPS, FolderView, VMState
 
@@ -55,6 +58,7 @@ class HostEmu:
         self.stopping: set[str] = set()
         self.booting: set[str] = set()
         self.booted_for: dict[str, str] = {}  # VM id -> the bootTime its microVM serves
+        self.booted_disks: dict[str, tuple[str, ...]] = {}  # VM id -> its volume files
         self.view: FolderView | None = None
 
     async def run(self) -> None:
@@ -107,9 +111,15 @@ class HostEmu:
                     self.booted_for[moid] = boot_id
                     asyncio.ensure_future(self._boot(st))
             else:
-                # A running microVM is never rebooted on a new bootTime: that is
-                # also what a resume from suspended looks like (a power cycle
-                # always shows its power-off, which ends the microVM).
+                if (self.booted_for.get(moid) != boot_id and moid not in self.paused
+                        and _volume_files(st) != self.booted_disks.get(moid)):
+                    # A power cycle whose power-off the view coalesced away, with
+                    # other disks now: boot again with them (the end of the old
+                    # microVM reconciles once more).
+                    self._kill(moid)
+                    return
+                # A running microVM is never rebooted on a new bootTime otherwise:
+                # that is also what a resume from suspended looks like.
                 self.booted_for[moid] = boot_id
                 if moid in self.paused:
                     asyncio.ensure_future(self._qmp(moid, "cont"))
@@ -169,6 +179,15 @@ class HostEmu:
             if r.returncode != 0:
                 log.error("hostemu: %s: cannot make the disk: %s", moid, r.stderr.strip())
                 return False
+        # Volume disks (independent-persistent VMDKs on the datastore) follow
+        # the root disk, in unit-number order: vdb, vdc, ... in the guest.
+        disks = [(files.root_disk, "qcow2", False)]
+        for d in volume_disks(st.raw.get("config.hardware.device") or []):
+            local = await asyncio.to_thread(self._datastore_file, d.backing.fileName)
+            if local is None or not local.exists():
+                log.error("hostemu: %s: volume disk %s not found", moid, d.backing.fileName)
+                return False
+            disks.append((local, "vmdk", False))
         uri = _serial_uri(st.raw.get("config.hardware.device"))
         if not uri:
             log.warning("hostemu: %s has no network serial port (yet)", moid)
@@ -178,7 +197,7 @@ class HostEmu:
         cpus = min(max(int(st.raw.get("config.hardware.numCPU") or 1), 1), 2)
         argv = build_cmdline(files=files, kernel=self.guest_dir / "vmlinux",
                              initrd=self.guest_dir / "initrd.img", accel=self.accel,
-                             memory_mb=mem, cpus=cpus, disks=[(files.root_disk, "qcow2", False)])
+                             memory_mb=mem, cpus=cpus, disks=disks)
         for i, a in enumerate(argv):
             if a.startswith("socket,id=ctl,"):
                 # ESXi's side of a URI-backed serial port, direction client.
@@ -190,6 +209,7 @@ class HostEmu:
                 sock.unlink()
         q = QemuProcess.spawn(argv, files)
         self.qemus[moid] = q
+        self.booted_disks[moid] = _volume_files(st)
         self.booting.discard(moid)
         self.stopping.discard(moid)
         self.paused.discard(moid)
@@ -235,6 +255,11 @@ class HostEmu:
     def kill_all(self) -> None:
         for q in self.qemus.values():
             q.kill()
+
+
+def _volume_files(st: VMState) -> tuple[str, ...]:
+    return tuple(d.backing.fileName
+                 for d in volume_disks(st.raw.get("config.hardware.device") or []))
 
 
 def _serial_uri(devices: Any) -> str:

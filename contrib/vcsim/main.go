@@ -7,7 +7,9 @@
 //   - CloneVM_Task honours spec.config (CPU, memory, annotation), spec.powerOn
 //     and refuses a duplicate name in the folder, as vCenter does;
 //   - ReconfigVM_Task replaces extraConfig keys (an empty value deletes one)
-//     and publishes extraConfig/annotation changes to property collectors.
+//     and publishes extraConfig/annotation changes to property collectors;
+//   - CreateVirtualDisk_Task makes a real (thin, ESXi-style) disk, not two
+//     empty files (disks.go).
 //
 // These are implemented by rewriting the _this of those SOAP requests to a
 // managed object of ours (the simulator type-asserts *VirtualMachine too
@@ -258,6 +260,13 @@ func wrap(next http.Handler, f *fixer, instantClone bool) http.Handler {
 		body, err := io.ReadAll(r.Body)
 		if err != nil {
 			w.WriteHeader(http.StatusBadRequest)
+			return
+		}
+		if bytes.Contains(body, []byte("CreateVirtualDisk_Task>")) {
+			// Served as is, then the empty files get a disk's content.
+			r.Body = io.NopCloser(bytes.NewReader(body))
+			next.ServeHTTP(w, r)
+			materializeDisk(body)
 			return
 		}
 		var op string

@@ -48,6 +48,12 @@ from vicd.plugins.vsphere.client import (
     fault_message,
 )
 from vicd.plugins.vsphere.datastore import DatastoreFiles
+from vicd.plugins.vsphere.disks import (
+    attach_changes,
+    detach_changes,
+    guest_mounts,
+    volume_disks,
+)
 from vicd.plugins.vsphere.serial import SerialListener
 from vicd.plugins.vsphere.settings import VSphereSettings
 from vicd.plugins.vsphere.view import FolderView, VMState
@@ -103,12 +109,14 @@ def read_record(extra: dict[str, str]) -> dict[str, Any] | None:
 
 class VSphereVM(TetherGuest):
     def __init__(self, backend: VSphereBackend, cid: str, moid: str, conn: TetherConnection,
-                 ephemeral: bool) -> None:
+                 ephemeral: bool, volumes: bool = False) -> None:
         self.backend = backend
         self.cid = cid
         self.moid = moid
         self.conn = conn
-        self.ephemeral = ephemeral
+        # Volumes outlive the container: only a VM without them may end unflushed.
+        self.ephemeral = ephemeral and not volumes
+        self.volumes = volumes  # volume disks to detach once the VM is off
         self.pid = 0  # no host process: the VM runs on an ESXi host
         self.main: TetherProcess
         self.next_chan = 2
@@ -147,7 +155,9 @@ class VSphereVM(TetherGuest):
                                 self.cid[:12])
                     await self.backend.power(self.moid, "off")
             if not self.ephemeral:
-                await self.backend.note_exit(self.moid, code)
+                await self.backend.note_exit(self.moid, code, detach=self.volumes)
+        elif self.volumes:
+            await self.backend.note_exit(self.moid, code, detach=True)
         await self.conn.close()
         self.backend.vms.pop(self.cid, None)
         return code
@@ -388,7 +398,10 @@ class VSphereBackend:
         if infra.ds_name:
             extra["vicd.image_vmdk"] = self.files.ensure_image(
                 spec.image_id, spec.image_disk, self.settings.datacenter, infra.ds_name)
-        if self.instant is not False:
+        # An instant clone runs from birth; a container with volumes boots cold
+        # with its disks attached at start anyway (see _attach_volumes), so it
+        # gets a powered-off linked clone and no power cycle.
+        if self.instant is not False and not _has_volumes(spec):
             try:
                 parent = self._ensure_parent(infra, spec.cpus, spec.memory_mb)
                 ic = vim.vm.InstantCloneSpec(
@@ -503,13 +516,24 @@ class VSphereBackend:
                     raise VSphereError("vsphere: the container's VM no longer exists") from None
         await asyncio.to_thread(run)
 
-    async def note_exit(self, moid: str, code: int) -> None:
-        """Keep the exit code with the VM, for a daemon that recovers from vCenter."""
+    async def note_exit(self, moid: str, code: int, detach: bool = False) -> None:
+        """Keep the exit code with the VM, for a daemon that recovers from vCenter;
+        with ``detach``, take the volume disks off the VM (powered off) in the same
+        reconfigure."""
         spec = vim.vm.ConfigSpec(extraConfig=[
             vim.option.OptionValue(key="vicd.exit_code", value=str(code)),
             vim.option.OptionValue(key="vicd.finished_at", value=_rfc3339(time.time()))])
+
+        def run() -> None:
+            vm = self._vm(moid)
+            if detach:
+                devices = self.client.props(vm, ["config.hardware.device"]).get(
+                    "config.hardware.device") or []
+                spec.deviceChange = detach_changes(devices)
+            self._reconfig(vm, spec)
+
         try:
-            await asyncio.to_thread(self._reconfig, self._vm(moid), spec)
+            await asyncio.to_thread(run)
         except (vmodl.MethodFault, VSphereError, *CONNECTION_ERRORS) as e:
             log.warning("vsphere: cannot record the exit code on the VM: %s", fault_message(e))
 
@@ -531,10 +555,15 @@ class VSphereBackend:
 
     async def start(self, spec: VMSpec, sink: OutputSink) -> VSphereVM:
         cid = spec.container_id
-        if spec.disks or spec.binds or spec.tmpfs:
-            # Refused rather than silently left out (docs/vsphere.md, "Not done yet").
-            raise InvalidParameter("the vsphere backend does not support volumes, bind "
-                                   "or tmpfs mounts yet")
+        if spec.binds:
+            # Refused rather than silently left out (docs/vsphere.md).
+            raise InvalidParameter("the vsphere backend does not support bind mounts: the "
+                                   "container's VM runs on an ESXi host and cannot see this "
+                                   "machine's files; use a vmdk volume (docker volume create "
+                                   "-d vmdk NAME)")
+        if any(d.fmt != "datastore" for d in spec.disks):
+            raise InvalidParameter("on the vsphere backend volumes need the vmdk driver "
+                                   "(docker volume create -d vmdk NAME)")
         moid = self._moid(cid)
         if moid is None:  # destroyed meanwhile: make it again
             await self.create(spec)
@@ -548,6 +577,9 @@ class VSphereBackend:
                                                  for k, v in {**stale, **want}.items()])
             await asyncio.to_thread(self._reconfig, self._vm(moid), cfg)
         power = await asyncio.to_thread(self._power_of, moid)
+        if spec.disks:
+            await asyncio.to_thread(self._attach_volumes, moid, spec.disks, power)
+            power = OFF
         self.listener.forget(cid)  # a connection from an earlier run is stale
         if power != ON:
             await self.power(moid, "on")
@@ -560,7 +592,7 @@ class VSphereBackend:
             await self.power(moid, "on")
             arrival = await self._arrive(cid, spec)
         conn = arrival.conn
-        vm = VSphereVM(self, cid, moid, conn, spec.ephemeral)
+        vm = VSphereVM(self, cid, moid, conn, spec.ephemeral, volumes=bool(spec.disks))
         channel = arrival.attach(sink)
         config = {"root": "/dev/vda", "fstype": "ext4", "hostname": spec.hostname,
                   "time_ns": time.time_ns(), "seed": base64.b64encode(os.urandom(64)).decode(),
@@ -568,6 +600,9 @@ class VSphereBackend:
                   # slirp): the guest gets the container's /etc/hosts and resolv.conf.
                   "network": {"interfaces": [], "hosts": getattr(spec, "hosts", ""),
                               "resolv": getattr(spec, "resolv", "")},
+                  "mounts": guest_mounts(spec.disks) + [
+                      {"device": "tmpfs", "fstype": "tmpfs", "target": target, "options": opts}
+                      for target, opts in spec.tmpfs],
                   **process_fields(spec.process)}
         try:
             reply = await conn.request("run", config=config, timeout=30)
@@ -583,6 +618,19 @@ class VSphereBackend:
         log.info("container %s: VM %s %s, guest up in %.0f ms", cid[:12], moid,
                  self.vm_name(spec), (time.monotonic() - t0) * 1000)
         return vm
+
+    def _attach_volumes(self, moid: str, disks: list[Any], power: str) -> None:
+        """Attach the volume disks to the powered-off VM (one ReconfigVM_Task).
+        A fresh instant clone runs already, its tether waiting for ``run``:
+        ESXi could hot-add the disks, the host emulation's QEMU cannot, so it
+        is powered off and boots cold with them (docs/vsphere.md)."""
+        vm = self._vm(moid)
+        c = self.client
+        if power != OFF:
+            with contextlib.suppress(vim.fault.InvalidPowerState):
+                c.wait_task(c.call(lambda: vm.PowerOffVM_Task()))
+        devices = c.props(vm, ["config.hardware.device"]).get("config.hardware.device") or []
+        self._reconfig(vm, vim.vm.ConfigSpec(deviceChange=attach_changes(devices, disks)))
 
     async def _arrive(self, cid: str, spec: VMSpec) -> Any:
         try:
@@ -661,6 +709,12 @@ class VSphereBackend:
                 with contextlib.suppress(vim.fault.InvalidPowerState):
                     if self._power_of(moid) != OFF:
                         c.wait_task(c.call(lambda: vm.PowerOffVM_Task()))
+                # Destroy_Task deletes every disk of the VM: take the volumes off
+                # first (normally done when it stopped; not after a crash).
+                devices = c.props(vm, ["config.hardware.device"]).get(
+                    "config.hardware.device") or []
+                if volume_disks(devices):
+                    self._reconfig(vm, vim.vm.ConfigSpec(deviceChange=detach_changes(devices)))
                 c.wait_task(c.call(lambda: vm.Destroy_Task()))
             except vmodl.fault.ManagedObjectNotFound:
                 pass  # gone already
@@ -688,6 +742,10 @@ class VSphereBackend:
         if kind == "leave" and cid not in self.removing and self.removed_callback:
             log.info("container %s: its VM was destroyed outside vicd", cid[:12])
             asyncio.ensure_future(self.removed_callback(cid))
+
+
+def _has_volumes(spec: VMSpec) -> bool:
+    return any(m.get("Type") == "volume" for m in spec.record.get("mounts") or [])
 
 
 def _pool_spec() -> Any:

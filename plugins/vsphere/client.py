@@ -148,18 +148,29 @@ class VimClient:
 
     # --- helpers ----------------------------------------------------------------
 
-    def wait_task(self, task: Any, timeout: float = 600) -> Any:
-        """Poll the task's state; tasks on loopback finish in ~10 ms, so start fast."""
+    def wait_task(self, task: Any, timeout: float = 600, by_parts: bool = False) -> Any:
+        """Poll the task's state; tasks on loopback finish in ~10 ms, so start fast.
+        ``by_parts``: the task's entity is no ManagedEntity (VirtualDiskManager,
+        FileManager, a snapshot), which pyvmomi refuses in a whole ``info``: read
+        state, result and error alone (also the fallback on that refusal)."""
         delay = 0.005
         deadline = time.monotonic() + timeout
         while True:
-            info = self.call(lambda: task.info)
-            if info.state == vim.TaskInfo.State.success:
-                return info.result
-            if info.state == vim.TaskInfo.State.error:
-                raise info.error
+            try:
+                if by_parts:
+                    raise TypeError
+                info = self.call(lambda: task.info)
+                state, result, error = info.state, info.result, info.error
+            except TypeError:
+                p = self.props(task, ["info.state", "info.result", "info.error"])
+                state, result, error = p.get("info.state"), p.get("info.result"), p.get(
+                    "info.error")
+            if state == vim.TaskInfo.State.success:
+                return result
+            if state == vim.TaskInfo.State.error:
+                raise error
             if time.monotonic() > deadline:
-                raise VSphereError(f"vsphere: task {info.descriptionId} did not finish")
+                raise VSphereError("vsphere: a task did not finish in time")
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
 

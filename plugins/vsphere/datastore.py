@@ -46,6 +46,10 @@ class DatastoreFiles:
 
     def _request(self, method: str, path: str, dc: str, ds: str, body: object = None,
                  length: int | None = None) -> int:
+        return self._exchange(method, path, dc, ds, body, length)[0]
+
+    def _exchange(self, method: str, path: str, dc: str, ds: str, body: object = None,
+                  length: int | None = None) -> tuple[int, bytes]:
         query = urlencode({"dcPath": dc, "dsName": ds})
         headers = {"Cookie": self.client.si._stub.cookie or ""}
         if length is not None:
@@ -55,11 +59,25 @@ class DatastoreFiles:
         try:
             conn.request(method, f"/folder/{quote(path)}?{query}", body=body, headers=headers)
             resp = conn.getresponse()
-            resp.read()
+            data = resp.read()
             self.http_calls += 1
-            return resp.status
+            return resp.status, data
         finally:
             conn.close()
+
+    def read(self, path: str, dc: str, ds: str) -> bytes | None:
+        """A small file's content (None if missing)."""
+        status, data = self._exchange("GET", path, dc, ds)
+        if status == 404:
+            return None
+        if status != 200:
+            raise VSphereError(f"vsphere: reading [{ds}] {path} failed: HTTP {status}")
+        return data
+
+    def write(self, path: str, data: bytes, dc: str, ds: str) -> None:
+        status = self._request("PUT", path, dc, ds, body=data, length=len(data))
+        if status not in (200, 201, 204):
+            raise VSphereError(f"vsphere: writing [{ds}] {path} failed: HTTP {status}")
 
     def ensure_image(self, image_id: str, disk: Path, dc: str, ds: str) -> str:
         """The image's VMDK on the datastore (uploaded if missing): ``[ds] path``."""

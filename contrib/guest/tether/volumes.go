@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -20,6 +21,9 @@ type volumeMount struct {
 	// CopyUp: the volume is new: copy what the image has at Target into it
 	// first, as dockerd does for an empty volume.
 	CopyUp bool `json:"copy_up"`
+	// Mkfs: the disk may be blank (a VMDK made by CreateVirtualDisk_Task):
+	// make its ext4 first if it has no filesystem, then copy up.
+	Mkfs bool `json:"mkfs"`
 	// File: for a virtiofs bind of a single host file, the file's name in
 	// the shared folder; it is bind-mounted over Target.
 	File string `json:"file"`
@@ -82,6 +86,16 @@ func mountVolumes(mounts []volumeMount) error {
 		}
 		stage := filepath.Join(stagingDir, fmt.Sprint(i))
 		os.MkdirAll(stage, 0o755)
+		if m.Mkfs && fstype == "ext4" && !hasExtSuperblock(m.Device) {
+			t0 := time.Now()
+			out, err := exec.Command("/sbin/mke2fs", "-q", "-t", "ext4", "-F",
+				"-E", "root_owner=0:0", m.Device).CombinedOutput()
+			if err != nil {
+				return fmt.Errorf("mke2fs %s: %v: %s", m.Device, err, strings.TrimSpace(string(out)))
+			}
+			logf("made ext4 on %s in %v", m.Device, time.Since(t0))
+			m.CopyUp = true // a new filesystem is an empty volume
+		}
 		if err := syscall.Mount(m.Device, stage, fstype, 0, ""); err != nil {
 			return fmt.Errorf("mount %s %s: %v", fstype, m.Device, err)
 		}
@@ -137,6 +151,20 @@ func bindFile(src, target string, readOnly bool) error {
 		return syscall.Mount("", target, "", syscall.MS_REMOUNT|syscall.MS_BIND|syscall.MS_RDONLY, "")
 	}
 	return nil
+}
+
+// hasExtSuperblock: the ext2/3/4 magic (0xEF53) at byte 1080 of the device.
+func hasExtSuperblock(dev string) bool {
+	f, err := os.Open(dev)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	magic := make([]byte, 2)
+	if _, err := f.ReadAt(magic, 1080); err != nil {
+		return false
+	}
+	return magic[0] == 0x53 && magic[1] == 0xEF
 }
 
 func waitDevice(dev string) error {

@@ -1,0 +1,129 @@
+"""The ``vmdk`` volume driver on ``--backend vsphere``, end to end: the stock
+docker CLI, vicd, real SOAP to govmomi's simulator (CreateVirtualDisk_Task,
+ReconfigVM_Task, SearchDatastore_Task), the datastore's HTTP /folder for the
+volume records, and the host emulation attaching the VMDK files to the
+microVM, whose tether makes the ext4 and mounts it."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import socket
+from pathlib import Path
+
+from vcsim_fixture import VSphereEnv, vsphere_fixture  # noqa: F401
+
+
+def api_status(env: VSphereEnv, method: str, path: str) -> tuple[int, dict]:
+    """One Engine API request over the daemon's socket: (status, JSON body)."""
+
+    class Conn(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX)
+            self.sock.connect(str(env.vicd.sock))
+
+    c = Conn("localhost")
+    c.request(method, path)
+    r = c.getresponse()
+    body = r.read()
+    return r.status, json.loads(body) if body else {}
+
+
+def datastore_dir(env: VSphereEnv) -> Path:
+    from pyVmomi import vim
+
+    admin = env.admin()
+    ds = admin.content.searchIndex.FindByInventoryPath("DC0/datastore/LocalDS_0")
+    assert isinstance(ds, vim.Datastore)
+    return Path(ds.info.url)
+
+
+def volumes(env: VSphereEnv) -> dict[str, str]:
+    out = env.vicd.docker("volume", "ls", "--format", "{{.Name}}\t{{.Driver}}").stdout
+    return dict(line.split("\t") for line in out.splitlines() if line)
+
+
+def test_vmdk_volume_outlives_its_container(vsphere: VSphereEnv) -> None:
+    d = vsphere.vicd
+    d.docker("volume", "create", "-d", "vmdk", "-o", "size=64m", "--label", "team=data", "vdata")
+    assert volumes(vsphere)["vdata"] == "vmdk"
+    info = json.loads(d.docker("volume", "inspect", "vdata").stdout)[0]
+    assert info["Mountpoint"] == "[LocalDS_0] vicd/volumes/vdata.vmdk"
+    assert info["Labels"] == {"team": "data"} and info["Scope"] == "global"
+    assert info["Options"] == {"size": "64m"}
+    files = datastore_dir(vsphere) / "vicd" / "volumes"
+    assert (files / "vdata.vmdk").is_file()
+    assert (files / "vdata-flat.vmdk").stat().st_size == 64 << 20  # thin: sparse
+    assert json.loads((files / "vdata.json").read_text())["labels"] == {"team": "data"}
+
+    # A container writes into it (the guest makes the ext4 on this first use) ...
+    r = d.docker("run", "--name", "writer", "-v", "vdata:/data", "busybox", "sh", "-c",
+                 "echo kept > /data/f && grep /data /proc/mounts")
+    assert " /data ext4 " in r.stdout
+    d.docker("rm", "writer")
+    # ... the VM is gone, the disk is not; the next container reads the data.
+    assert (files / "vdata-flat.vmdk").is_file()
+    r = d.docker("run", "--rm", "-v", "vdata:/mnt", "busybox", "cat", "/mnt/f")
+    assert r.stdout == "kept\n"
+
+    # In use by a container (even stopped): 409, as dockerd answers.
+    d.docker("create", "--name", "holder", "-v", "vdata:/data", "busybox", "true")
+    status, body = api_status(vsphere, "DELETE", "/v1.47/volumes/vdata")
+    assert status == 409 and "volume is in use" in body["message"]
+    r = d.docker("volume", "rm", "vdata", check=False)
+    assert r.returncode != 0 and "volume is in use" in r.stderr
+    d.docker("rm", "holder")
+
+
+def test_copy_up_into_a_new_vmdk_volume(vsphere: VSphereEnv) -> None:
+    d = vsphere.vicd
+    d.docker("volume", "create", "-d", "vmdk", "vbin")
+    # A new volume over a path of the image gets the image's files first.
+    assert d.docker("run", "--rm", "-v", "vbin:/bin", "busybox", "ls", "/bin/busybox"
+                    ).stdout == "/bin/busybox\n"
+    assert "busybox" in d.docker("run", "--rm", "-v", "vbin:/mnt", "busybox", "ls", "/mnt").stdout
+    # Read-only and a soap count for create + start with a volume attached.
+    a = vsphere.soap_calls()
+    d.docker("create", "--name", "counted-v", "-v", "vbin:/mnt:ro", "busybox", "sleep", "60")
+    b = vsphere.soap_calls()
+    d.docker("start", "counted-v")
+    c = vsphere.soap_calls()
+    print(f"SOAP round trips with a vmdk volume: create {b - a}, start {c - b}")
+    r = d.docker("exec", "counted-v", "touch", "/mnt/x", check=False)
+    assert r.returncode != 0 and "Read-only" in r.stderr
+    d.docker("rm", "-f", "counted-v")
+    d.docker("volume", "rm", "vbin")
+
+
+def test_bad_volume_input_on_vsphere(vsphere: VSphereEnv) -> None:
+    d = vsphere.vicd
+    r = d.docker("volume", "create", "-d", "vmdk", "-o", "colour=blue", "vbad", check=False)
+    assert r.returncode != 0 and "invalid option key: 'colour'" in r.stderr
+    assert "vbad" not in volumes(vsphere)
+    # A local-driver volume cannot reach an ESXi host: said clearly, nothing runs.
+    r = d.docker("run", "--rm", "-v", "vlocal:/data", "busybox", "true", check=False)
+    assert r.returncode != 0 and "need the vmdk driver" in r.stderr
+    d.docker("volume", "rm", "vlocal")
+
+
+def test_volumes_listed_from_vcenter_after_restart_with_empty_data_root(
+        vsphere: VSphereEnv, busybox_tar: Path) -> None:
+    d = vsphere.vicd
+    d.docker("volume", "create", "-d", "vmdk", "--label", "keep=yes", "vkeep")
+    d.docker("run", "--rm", "-v", "vkeep:/data", "busybox", "sh", "-c", "echo survived > /data/f")
+    d.kill9()
+    shutil.rmtree(d.data_root)
+    vsphere.start_vicd()
+    d.docker("import", str(busybox_tar), "busybox:latest")
+    listed = volumes(vsphere)
+    assert listed.get("vkeep") == "vmdk" and listed.get("vdata") == "vmdk", listed
+    info = json.loads(d.docker("volume", "inspect", "vkeep").stdout)[0]
+    assert info["Labels"] == {"keep": "yes"}
+    # Already initialized: no copy-up over the data, which is there.
+    assert d.docker("run", "--rm", "-v", "vkeep:/data", "busybox", "cat", "/data/f"
+                    ).stdout == "survived\n"
+    d.docker("volume", "rm", "vkeep")
+    files = datastore_dir(vsphere) / "vicd" / "volumes"
+    assert not (files / "vkeep.vmdk").exists() and not (files / "vkeep.json").exists()
+    assert "vkeep" not in volumes(vsphere)

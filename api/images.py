@@ -21,6 +21,7 @@ from vicd.api.streams import stream_chunks
 from vicd.errors import InvalidParameter, NotFound, VicdError
 from vicd.filters import parse_filters
 from vicd.image_store import apply_changes
+from vicd.progress import error_line
 from vicd.push import Pusher
 from vicd.references import parse_normalized
 from vicd.registry import (
@@ -28,7 +29,6 @@ from vicd.registry import (
     Puller,
     TransferOptions,
     download_url,
-    error_line,
     pull_reference,
 )
 from vicd.registry import login as registry_login

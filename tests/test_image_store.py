@@ -267,7 +267,7 @@ def test_filters_and_prune(store: ImageStore):
     assert not match_filters(old, {"since": [new.id]}, store.get)
     with pytest.raises(InvalidParameter, match="^Invalid filter 'foo'$"):
         store.list({"foo": ["x"]})
-    with pytest.raises(InvalidParameter, match="^Invalid filter 'dangling=maybe'$"):
+    with pytest.raises(InvalidParameter, match=r"^Invalid filter 'dangling=\[maybe\]'$"):
         store.list({"dangling": ["maybe"]})
 
     report = store.prune()
@@ -282,13 +282,18 @@ def test_filters_and_prune(store: ImageStore):
 # ---------------------------------------------------------------- save / load
 
 
-def roundtrip(src: ImageStore, dst: ImageStore, refs: list[str], oci: bool) -> list[str]:
+def roundtrip(src: ImageStore, dst: ImageStore, refs: list[str], oci: bool,
+              new_layers: bool = True) -> list[str]:
     buf = io.BytesIO()
     src.save(refs, buf, oci=oci)
     buf.seek(0)
     events: list[dict] = []
     lines = dst.load(buf, events.append)
-    assert events and events[0]["status"] == "Loading layer"
+    if new_layers:
+        assert events and {e["status"] for e in events} == {"Loading layer"}
+        assert events[-1]["progressDetail"]["current"] == events[-1]["progressDetail"]["total"]
+    else:  # like dockerd: layers it has are neither read nor shown
+        assert events == []
     return lines
 
 
@@ -313,7 +318,7 @@ def test_save_load_roundtrip(store: ImageStore, tmp_path: Path, oci: bool):
     assert blob_names(fresh) == blob_names(store)
     # loading again moves nothing; re-pointing a tag says so like dockerd
     fresh.tag(other.id, "bb", "1")
-    lines = roundtrip(store, fresh, ["bb:1"], oci)
+    lines = roundtrip(store, fresh, ["bb:1"], oci, new_layers=False)
     assert lines == [
         f"The image bb:1 already exists, renaming the old one with ID {other.id} to empty string",
         "Loaded image: bb:1",

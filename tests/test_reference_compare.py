@@ -12,13 +12,18 @@ Where vicd is wrong, the test is ``xfail(strict=True)`` with the difference in t
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
 import subprocess
+import tarfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
+import docker
 import pytest
 
 from conftest import Vicd
@@ -302,3 +307,101 @@ def test_events_since_until_for_a_run(both: Both):
     assert pick(d) == [f"container {a} {name} {'4' if a == 'die' else '<no value>'}"
                        for a in ("create", "attach", "start", "die", "destroy")]
     assert pick(v) == pick(d)
+
+
+# --- images ----------------------------------------------------------------------------------
+
+
+IMGF = ("imgf-a:1", "imgf-b:1", "imgf-b:2", "imgf-c:1")
+
+
+@pytest.fixture
+def imgf(both: Both, busybox_tar: Path) -> Iterator[None]:
+    """On both daemons, in this order: imgf-a:1 (LABEL tier=base), imgf-b:1 = imgf-b:2
+    (LABEL tier=app), imgf-c:1 (no label)."""
+    for d in (both.vicd, both.ref):
+        d.docker("import", "--change", "LABEL tier=base", str(busybox_tar), "imgf-a:1")
+        d.docker("import", "--change", "LABEL tier=app", str(busybox_tar), "imgf-b:1")
+        d.docker("tag", "imgf-b:1", "imgf-b:2")
+        d.docker("import", str(busybox_tar), "imgf-c:1")
+    yield
+    both.rm("imgf-user")
+    for d in (both.vicd, both.ref):
+        d.docker("rmi", "-f", *IMGF, check=False)
+
+
+@pytest.mark.parametrize("filters", [("before=imgf-c:1",), ("since=imgf-a:1",), ("label=tier",),
+                                     ("label=tier=app",), ("label=tier", "since=imgf-a:1"),
+                                     ("dangling=false",)])
+def test_images_filters(both: Both, imgf: None, filters: tuple[str, ...]):
+    args = [x for f in filters for x in ("--filter", f)]
+    v, d = both.run("images", "--filter", "reference=imgf-*", *args,
+                    "--format", "{{.Repository}}:{{.Tag}}")
+    assert d.rc == 0 and d.out.strip()
+    # dockerd sorts by Created in whole seconds: images made in the same second come in any
+    # order, so compare the sets of lines
+    assert (v.rc, sorted(v.out.splitlines()), v.err) == (d.rc, sorted(d.out.splitlines()), d.err)
+
+
+@pytest.mark.parametrize("bad", ["before=nosuch:1", "label!=tier", "dangling=maybe", "foo=bar"])
+def test_images_bad_filters(both: Both, bad: str):
+    v, d = both.run("images", "--filter", bad)
+    assert d.rc == 1 and d.err
+    assert v == d
+
+
+def test_rmi_conflicts_and_prune_all(both: Both, imgf: None):
+    """rmi of an image a (stopped) container uses, by tag and by ID; by ID when it has two
+    tags; then `image prune -a` limited by a label: dockerd's texts and statuses."""
+    both.ok("create", *NET, "--name", "imgf-user", "imgf-a:1", "true")
+
+    def each(*args: str) -> tuple[Seen, Seen]:
+        """The same command, with `{a}`/`{b}` replaced by each daemon's image IDs."""
+        out = []
+        for d in (both.vicd, both.ref):
+            ids = {k: d.docker("images", "-q", f"imgf-{k}:1").stdout.strip() for k in "ab"}
+            out.append(Seen.of(d.docker(*(x.format(**ids) for x in args), check=False)))
+        return out[0], out[1]
+
+    for args in (("rmi", "imgf-a:1"), ("rmi", "{a}"), ("rmi", "{b}")):
+        v, d = each(*args)
+        assert d.rc == 1 and "conflict: unable to" in d.err, (args, d)
+        assert v == d, args
+    both.ok("rm", "imgf-user")
+    v, d = both.run("image", "prune", "-a", "-f", "--filter", "label=tier=base")
+    assert d.out.startswith("Deleted Images:\nuntagged: imgf-a:1\ndeleted: sha256:<id>\n")
+    assert v == d
+    v, d = each("rmi", "-f", "{b}")
+    assert d == Seen(0, "Untagged: imgf-b:1\nUntagged: imgf-b:2\nDeleted: sha256:<id>\n", "")
+    assert v == d
+
+
+def test_load_progress_stream(both: Both, tmp_path: Path):
+    """POST /images/load without quiet: `Loading layer` lines with dockerd's bar for a layer
+    the daemon lacks, none for one it has, then the `Loaded image` stream line."""
+    layer = tmp_path / "layer.tar"
+    with tarfile.open(layer, "w") as tf:
+        ti = tarfile.TarInfo("random.bin")
+        ti.size = 300_000
+        tf.addfile(ti, io.BytesIO(os.urandom(ti.size)))
+    streams = []
+    for name, d in (("vicd", both.vicd), ("dockerd", both.ref)):
+        archive = tmp_path / f"{name}.tar"
+        d.docker("import", str(layer), "loadme:1")
+        d.docker("save", "-o", str(archive), "loadme:1")
+        d.docker("rmi", "loadme:1")
+        api = docker.APIClient(base_url=d.host, version="1.41")
+        first = list(api.load_image(archive.read_bytes(), quiet=False))
+        again = list(api.load_image(archive.read_bytes(), quiet=False))
+        d.docker("rmi", "loadme:1")
+        streams.append((first, again))
+    (v, v_again), (d, d_again) = streams
+    assert v_again == d_again == [{"stream": "Loaded image: loadme:1\n"}]
+    for items in (v, d):
+        *loading, last = items
+        assert last == {"stream": "Loaded image: loadme:1\n"}
+        assert loading and all(i["status"] == "Loading layer" and len(i["id"]) == 12
+                               and i["progress"].startswith("[") for i in loading)
+        detail = loading[-1]["progressDetail"]
+        assert detail["current"] == detail["total"] > 300_000
+    assert v[-2:] == d[-2:]  # same layer: the same final bar, word for word

@@ -33,6 +33,7 @@ from registry_fixture import (
     registry,  # noqa: F401
     tar_bytes,
 )
+from vicd import progress
 from vicd import registry as reg_mod
 from vicd.registry import AuthConfig
 
@@ -452,8 +453,8 @@ def test_insecure_and_references() -> None:
     d = "sha256:" + "a" * 64
     assert reg_mod.pull_reference("localhost:5000/x", d).digest == d
     assert reg_mod.parse_platform("linux/arm64/v8") == ("linux", "arm64", "")
-    assert reg_mod.progress_bar(1000, 2000).startswith("[" + "=" * 25 + ">")
-    assert reg_mod.progress_bar(1000, 2000).endswith("    1kB/2kB")
-    assert reg_mod.human_size(2048) == "2.048kB"
+    assert progress.progress_bar(1000, 2000).startswith("[" + "=" * 25 + ">")
+    assert progress.progress_bar(1000, 2000).endswith("    1kB/2kB")
+    assert progress.human_size(2048) == "2.048kB"
     ch = reg_mod.parse_challenges('Bearer realm="https://a/token",service="s",scope="x:y:pull"')
     assert ch == {"bearer": {"realm": "https://a/token", "service": "s", "scope": "x:y:pull"}}

@@ -13,6 +13,7 @@ left unreferenced are deleted on the next start.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gzip
 import hashlib
@@ -46,6 +47,7 @@ from vicd.layers import (
     detect_compression,
     scan_layer,
 )
+from vicd.progress import Throttle, progress_line
 from vicd.references import (
     Reference,
     familiar_match,
@@ -427,7 +429,8 @@ def _bool_filter(key: str, values: list[str]) -> bool:
         return True
     if seen <= {"false", "0"}:
         return False
-    raise InvalidParameter(f"Invalid filter '{key}={','.join(values)}'")
+    # Go prints the []string of values: [a b]
+    raise InvalidParameter(f"Invalid filter '{key}=[{' '.join(values)}]'")
 
 
 def _match_labels(labels: dict[str, str], wanted: list[str]) -> bool:
@@ -750,13 +753,19 @@ class ImageStore:
                 tmp.unlink()
         return info
 
-    def _put_staged_layer(self, path: Path, pins: set[str]) -> LayerInfo:
-        """A staged archive file: moved in place when already uncompressed (no copy)."""
+    def _put_staged_layer(
+        self, path: Path, pins: set[str], on_read: Callable[[int, int, int, bool], None] | None
+    ) -> LayerInfo:
+        """A staged archive file: moved in place when already uncompressed (no copy).
+        on_read(0, bytes read, file size, False) reports progress."""
+        total = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(6)
-        if detect_compression(head) != "none":
-            return self._put_layer(path, pins)
-        info = scan_layer(path, limits=self.limits)
+            f.seek(0)
+            reader = _ProgressReader(f, total, 0, on_read)
+            if detect_compression(head) != "none":
+                return self._put_layer(reader, pins)  # type: ignore[arg-type]
+            info = scan_layer(reader, limits=self.limits)  # type: ignore[arg-type]
         hexd = _hex(info.diff_id)
         pins.add(hexd)
         if not (self.blobs / hexd).exists():
@@ -1140,16 +1149,22 @@ class ImageStore:
                 for i, (path, want) in enumerate(
                     zip(item.layers, config["rootfs"]["diff_ids"], strict=True)
                 ):
+                    if path not in done and self.has_layer(want):
+                        # like dockerd: a layer it has is not read again, and not shown
+                        with contextlib.suppress(VicdError):
+                            done[path] = self._pin_existing_layer(want, pins)
                     if path not in done:
-                        done[path] = self._put_staged_layer(path, pins)
+                        size = path.stat().st_size  # (the file is moved into the store)
+                        done[path] = self._put_staged_layer(path, pins,
+                                                            _load_reporter(want, progress))
+                        if progress is not None:
+                            progress(progress_line("Loading layer", short_id(want), size, size))
                     got = done[path].diff_id
                     if got != want:
                         raise InvalidParameter(
                             f'invalid diffID for layer {i}: expected "{want}", got "{got}"'
                         )
                     infos.append(done[path])
-                    if progress is not None:
-                        progress(_load_progress(want, done[path]))
                 img_id = "sha256:" + self._put_bytes(item.config_raw, pins)
                 loaded.append((img_id, item.tags, infos))
             return self._commit_loaded(loaded)
@@ -1475,12 +1490,24 @@ def _parse_until(value: str) -> int:
     raise InvalidParameter(f"invalid until filter value {value!r}")
 
 
-def _load_progress(diff_id: str, info: LayerInfo) -> dict[str, Any]:
-    return {
-        "status": "Loading layer",
-        "progressDetail": {"current": info.tar_size, "total": info.tar_size},
-        "id": short_id(diff_id),
-    }
+def _load_reporter(
+    diff_id: str, progress: Callable[[dict[str, Any]], None] | None
+) -> Callable[[int, int, int, bool], None] | None:
+    """`Loading layer` lines while a layer is read, at most one per PROGRESS_EVERY (the
+    final one comes from the caller once the layer is verified), as dockerd sends them."""
+    if progress is None:
+        return None
+    throttle = Throttle()
+    last = 0
+
+    def report(_i: int, current: int, total: int, _final: bool) -> None:
+        # dockerd's progress.Reader: every 1% of the size (512 kB at most), rate-limited
+        nonlocal last
+        if current - last > min(total // 100, 512 << 10) and current < total and \
+                throttle.ready():
+            last = current
+            progress(progress_line("Loading layer", short_id(diff_id), current, total))
+    return report
 
 
 def _check_config(raw: bytes, n_layers: int) -> dict[str, Any]:

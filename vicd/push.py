@@ -22,18 +22,15 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from vicd.progress import Progress, Throttle, progress_line, status
 from vicd.references import Reference, parse_normalized
 from vicd.registry import (
     DOCKER_CONFIG,
     DOCKER_LAYER,
     AuthConfig,
-    Progress,
     RegistryClient,
-    Throttle,
     TransferOptions,
-    progress_line,
     push_scope,
-    status,
 )
 
 GZIP_LAYERS = (DOCKER_LAYER, "application/vnd.oci.image.layer.v1.tar+gzip")

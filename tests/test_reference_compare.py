@@ -405,3 +405,29 @@ def test_load_progress_stream(both: Both, tmp_path: Path):
         detail = loading[-1]["progressDetail"]
         assert detail["current"] == detail["total"] > 300_000
     assert v[-2:] == d[-2:]  # same layer: the same final bar, word for word
+
+
+def test_saved_by_dockerd_runs_on_vicd_and_back(both: Both, tmp_path: Path):
+    """A two-layer image made by dockerd (commit over busybox): `docker save` there, `load`
+    and run on vicd; vicd's `save` of it loads and runs on dockerd, with the same ID."""
+    both.rm("rt-src")
+    both.ref.docker("run", *NET, "--name", "rt-src", "busybox", "sh", "-c",
+                    "echo from-dockerd > /hello")
+    both.ref.docker("commit", "-c", 'CMD ["cat", "/hello"]', "rt-src", "rt-saved:1")
+    both.rm("rt-src")
+    image_id = both.ref.docker("images", "-q", "--no-trunc", "rt-saved:1").stdout.strip()
+    theirs, ours = tmp_path / "dockerd.tar", tmp_path / "vicd.tar"
+    both.ref.docker("save", "-o", str(theirs), "rt-saved:1")
+    try:
+        assert "Loaded image: rt-saved:1" in both.vicd.docker("load", "-i", str(theirs)).stdout
+        assert both.vicd.inspect("rt-saved:1")["Id"] == image_id
+        assert both.vicd.docker("run", "--rm", "rt-saved:1").stdout == "from-dockerd\n"
+        both.vicd.docker("save", "-o", str(ours), "rt-saved:1")
+        both.ref.docker("rmi", "rt-saved:1")
+        assert "Loaded image: rt-saved:1" in both.ref.docker("load", "-i", str(ours)).stdout
+        assert both.ref.docker("images", "-q", "--no-trunc", "rt-saved:1").stdout.strip() == \
+            image_id
+        assert both.ref.docker("run", "--rm", *NET, "rt-saved:1").stdout == "from-dockerd\n"
+    finally:
+        for d in (both.vicd, both.ref):
+            d.docker("rmi", "rt-saved:1", check=False)

@@ -11,6 +11,7 @@ import http.server
 import json
 import os
 import re
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from conftest import Vicd, configured_vicd
+from conftest import DOCKER, Vicd, configured_vicd
 from refdockerd import RefDockerd, dockerd  # noqa: F401
 from registry_fixture import (
     PASSWORD,
@@ -298,6 +299,45 @@ def test_interrupted_pull_leaves_no_image(noretry_vicd: Vicd, tmp_path: Path) ->
     finally:
         if proxy:
             proxy.close()
+        reg.stop()
+
+
+def test_kill9_mid_pull_restarts_clean(guest_dir: Path, busybox_tar: Path, tmp_path: Path) -> None:
+    """The daemon killed -9 while a layer downloads: after a restart no image, no partial
+    file and no new blob are there, and the same pull then completes."""
+    reg = Registry(tmp_path / "reg")
+    reg.start()
+    (tmp_path / "v").mkdir()
+    d = configured_vicd(tmp_path / "v", "")
+    proxy = ThrottledProxy(reg.port, rate=1 << 20)  # 8 MiB at 1 MiB/s
+    try:
+        oci = OCILayout(tmp_path / "oci")
+        oci.tag(oci.image([tar_bytes({"big": os.urandom(8 << 20)})]), "k")
+        reg.skopeo_copy(tmp_path / "oci", "k", "killed:1")
+        store = d.data_root / "images"
+        d.docker("import", str(busybox_tar), "busybox:latest")
+        blobs_before = set(os.listdir(store / "blobs/sha256"))
+        pull = subprocess.Popen([DOCKER, "pull", f"127.0.0.1:{proxy.port}/killed:1"],
+                                env={**os.environ, "DOCKER_HOST": d.host},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cache = store / "tmp/pull-cache"
+        deadline = time.time() + 60
+        while time.time() < deadline and not any(
+                p.suffix == ".partial" and p.stat().st_size > 0 for p in cache.glob("*")):
+            time.sleep(0.05)
+        d.kill9()
+        pull.wait(30)
+        assert [p for p in cache.glob("*.partial")], "the kill did not land mid-download"
+        d.start("--config", str(tmp_path / "v/vicd.toml"), "--no-templates")
+        assert d.docker("images", "-q", f"127.0.0.1:{proxy.port}/killed").stdout.strip() == ""
+        assert "killed" not in (store / "repositories.json").read_text()
+        assert set(os.listdir(store / "blobs/sha256")) == blobs_before
+        assert not cache.exists() or list(cache.iterdir()) == []
+        out = d.docker("pull", f"{reg.host}/killed:1").stdout
+        assert f"Status: Downloaded newer image for {reg.host}/killed:1" in out
+    finally:
+        proxy.close()
+        d.stop()
         reg.stop()
 
 

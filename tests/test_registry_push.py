@@ -31,9 +31,10 @@ CHUNK = 256 << 10
 
 @pytest.fixture(scope="module")
 def push_vicd(guest_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Vicd]:
-    """A daemon that uploads one layer at a time, in 256 KiB chunks (no VM is run here)."""
+    """A daemon that moves one layer at a time, pushes in 256 KiB chunks (runs no VM)."""
     d = configured_vicd(tmp_path_factory.mktemp("pushvicd"),
-                        f"push_chunk_size = {CHUNK}\nmax_concurrent_uploads = 1\n")
+                        f"push_chunk_size = {CHUNK}\nmax_concurrent_uploads = 1\n"
+                        "max_concurrent_downloads = 1\n")
     yield d
     d.stop()
 
@@ -56,7 +57,8 @@ def test_push_chunked_mounted_and_existing(push_vicd: Vicd, registry: Registry, 
         big = tar_bytes({"big.bin": os.urandom(1 << 20)})
         oci.tag(oci.image([big, tar_bytes({"a": b"a\n"}), tar_bytes({"b": b"b\n"})]), "3")
         src.skopeo_copy(tmp_path / "oci", "3", "three:1")
-        push_vicd.docker("pull", f"{src.host}/three:1")
+        out = lines(push_vicd.docker("pull", f"{src.host}/three:1").stdout)
+        assert sum(x.endswith(": Waiting") for x in out) == 2, out  # one download slot
     finally:
         src.stop()
     image_id = push_vicd.inspect(f"{src.host}/three:1")["Id"]

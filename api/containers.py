@@ -60,7 +60,7 @@ async def list_containers(request: web.Request) -> web.Response:
             continue
         if not container_matches(c, filters, engine):
             continue
-        row = container_summary(c)
+        row = container_summary(engine, c)
         if q_bool(request, "size"):
             row["SizeRw"], row["SizeRootFs"] = engine.sizes(c)
         out.append(row)
@@ -83,7 +83,10 @@ async def create_container(request: web.Request) -> web.Response:
         elif val is not None and not isinstance(val, list):
             raise InvalidParameter(f"invalid {key}: expected a list of strings")
     name = request.query.get("name") or None
-    c, warnings = await engine.create(name, cfg, host_config)
+    networking = body.get("NetworkingConfig") or None
+    if networking is not None and not isinstance(networking, dict):
+        raise InvalidParameter("NetworkingConfig must be an object")
+    c, warnings = await engine.create(name, cfg, host_config, networking)
     return json_response({"Id": c.id, "Warnings": warnings}, 201)
 
 

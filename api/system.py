@@ -173,7 +173,7 @@ async def system_df(request: web.Request) -> web.Response:
         img_rows.append(row)
     containers = []
     for c in engine.containers.values():
-        row = container_summary(c)
+        row = container_summary(engine, c)
         row["SizeRw"] = _disk_usage(engine.store.dir_for(c.id))
         row["SizeRootFs"] = row["SizeRw"]
         containers.append(row)

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 from vicd.backend import GuestStats
 from vicd.container import PAUSED, RESTARTING, RUNNING, Container
 from vicd.mounts import mount_view
-from vicd.network import settings_view
 from vicd.ports import ports_view
 from vicd.timefmt import ZERO_TIME, created_seconds, human_duration, parse_rfc3339
 
@@ -61,10 +60,12 @@ def host_config(c: Container) -> dict[str, Any]:
     return hc
 
 
-def network_settings(c: Container) -> dict[str, Any]:
+def network_settings(engine: Engine, c: Container) -> dict[str, Any]:
     nic = c.nic
-    networks = settings_view(nic or {"network": _mode_name(c)}, c.state.running)
-    net = next(iter(networks.values()))
+    networks = engine.nets.settings_view(c)
+    # The top-level fields are the default bridge's, empty on other networks.
+    net = networks.get("bridge") or {"EndpointID": "", "Gateway": "", "IPAddress": "",
+                                     "IPPrefixLen": 0, "MacAddress": ""}
     return {
         "Bridge": "", "SandboxID": c.id if nic else "", "HairpinMode": False,
         "LinkLocalIPv6Address": "", "LinkLocalIPv6PrefixLen": 0,
@@ -75,11 +76,6 @@ def network_settings(c: Container) -> dict[str, Any]:
         "IPPrefixLen": net["IPPrefixLen"], "IPv6Gateway": "", "MacAddress": net["MacAddress"],
         "Networks": networks,
     }
-
-
-def _mode_name(c: Container) -> str:
-    mode = c.host_config.get("NetworkMode") or "default"
-    return "bridge" if mode == "default" else mode
 
 
 def ps_ports(c: Container) -> list[dict[str, Any]]:
@@ -134,7 +130,7 @@ def inspect_container(engine: Engine, c: Container) -> dict[str, Any]:
         "GraphDriver": {"Name": "vicd-qcow2", "Data": {"Dir": str(cdir)}},
         "Mounts": [mount_view(m) for m in c.mounts],
         "Config": container_config(c),
-        "NetworkSettings": network_settings(c),
+        "NetworkSettings": network_settings(engine, c),
     }
 
 
@@ -161,7 +157,7 @@ def status_text(c: Container) -> str:
     return "Created"
 
 
-def container_summary(c: Container) -> dict[str, Any]:
+def container_summary(engine: Engine, c: Container) -> dict[str, Any]:
     command = " ".join(shlex.quote(a) if " " in a else a for a in [c.path, *c.args])
     return {
         "Id": c.id,
@@ -175,7 +171,7 @@ def container_summary(c: Container) -> dict[str, Any]:
         "State": c.state.status,
         "Status": status_text(c),
         "HostConfig": {"NetworkMode": c.host_config.get("NetworkMode") or "default"},
-        "NetworkSettings": {"Networks": network_settings(c)["Networks"]},
+        "NetworkSettings": {"Networks": engine.nets.settings_view(c)},
         "Mounts": [mount_view(m) for m in c.mounts],
     }
 

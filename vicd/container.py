@@ -56,6 +56,9 @@ class Container:
     nic: dict[str, Any] | None = None
     # Volumes in Docker's Mounts shape (vicd.mounts), fixed at create.
     mounts: list[dict[str, Any]] = field(default_factory=list)
+    # Configured networks by name -> EndpointSettings (vicd.container_networks);
+    # empty in records from before user-defined networks.
+    networks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def short_id(self) -> str:

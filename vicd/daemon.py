@@ -29,6 +29,7 @@ from vicd.engine import Engine
 from vicd.errors import InvalidParameter, VicdError
 from vicd.events import EventBus
 from vicd.image_store import ImageStore
+from vicd.networks import NetworkManager
 from vicd.plugin_manager import make_plugin_manager
 from vicd.volumes import VolumeManager
 
@@ -47,9 +48,14 @@ class Daemon:
         self.backend: ComputeBackend = self.backends[config.backend](config)
         self.events = EventBus()
         self.images = ImageStore(config.data_root / "images")
-        self.volumes = VolumeManager(config.data_root / "volumes", self._collect_volume_drivers())
+        self.volumes = VolumeManager(
+            config.data_root / "volumes",
+            self._collect_drivers(self.pm.hook.register_volume_drivers))
+        self.networks = NetworkManager(
+            config.data_root / "networks",
+            self._collect_drivers(self.pm.hook.register_network_drivers))
         self.engine = Engine(config, self.pm, self.backend, self.images, self.events,
-                             self.volumes)
+                             self.volumes, self.networks)
         self.daemon_id = self._daemon_id()
         self.runners: list[web.AppRunner] = []
 
@@ -60,11 +66,13 @@ class Daemon:
                 out.setdefault(name, factory)
         return out
 
-    def _collect_volume_drivers(self) -> dict[str, Any]:
+    def _collect_drivers(self, hook: Any) -> dict[str, Any]:
+        """Volume or network drivers by name: the first plugin to offer a name wins."""
         out: dict[str, Any] = {}
-        for result in self.pm.hook.register_volume_drivers(config=self.config):
+        for result in hook(config=self.config):
             for name, factory in (result or {}).items():
-                out.setdefault(name, factory(self.config))
+                if name not in out:
+                    out[name] = factory(self.config)
         return out
 
     def _daemon_id(self) -> str:

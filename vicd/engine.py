@@ -32,13 +32,15 @@ from vicd.backend import (
 )
 from vicd.config import Config
 from vicd.container import Container
+from vicd.container_networks import ContainerNetworks, configured
 from vicd.errors import Conflict, InvalidParameter, NotFound, NotModified, VicdError
 from vicd.events import EventBus
 from vicd.image_store import ImageStore
 from vicd.logs import LogWriter
 from vicd.mounts import plan_mounts, volumes_from
 from vicd.names import check_name, new_id, random_name
-from vicd.network import hosts_file, make_nic, network_mode, resolv_file
+from vicd.network import GUEST_IP, hosts_file, make_nic, network_mode, resolv_file
+from vicd.networks import Network, NetworkManager
 from vicd.plugin_manager import call_broadcast
 from vicd.ports import allocate, plan_ports
 from vicd.signals import parse_signal
@@ -99,9 +101,13 @@ class Engine:
         images: ImageStore,
         events: EventBus,
         volumes: VolumeManager | None = None,
+        networks: NetworkManager | None = None,
     ) -> None:
         self.config = config
         self.volumes = volumes or VolumeManager(config.data_root / "volumes", {})
+        self.networks = networks or NetworkManager(config.data_root / "networks", {})
+        self.networks.names_of = self._dns_names
+        self.nets = ContainerNetworks(self.networks, backend)
         self.pm = pm
         self.backend = backend
         self.images = images
@@ -130,6 +136,10 @@ class Engine:
                 raise InvalidParameter(f"multiple IDs found with provided prefix: {ref}")
         raise NotFound(f"No such container: {ref}")
 
+    def _dns_names(self, cid: str) -> list[str]:
+        c = self.containers.get(cid)
+        return [c.name, c.short_id, c.config.get("Hostname") or ""] if c else []
+
     def rt(self, c: Container) -> Runtime:
         return self.runtimes.setdefault(c.id, Runtime())
 
@@ -151,6 +161,8 @@ class Engine:
             on_removed(self._removed_by_backend)
         for c in self.store.load_all():
             self.containers[c.id] = c
+        self.networks.load()
+        await self.networks.restore()
         # A stateless backend (vSphere) rebuilds records the data root lacks.
         recover = getattr(self.backend, "recover_containers", None)
         for data in await recover() if recover else []:
@@ -187,6 +199,9 @@ class Engine:
             rt.monitor = asyncio.create_task(self._monitor(c, vm))
             health.start(self, c)
             log.info("container %s: reattached to its running VM", c.short_id)
+        for c in self.containers.values():  # endpoints of VMs that ended while we were away
+            if not c.state.running:
+                await self.nets.release(c)
         for c in list(self.containers.values()):
             policy = c.restart_policy[0]
             if c.state.running or not c.has_been_started:
@@ -197,6 +212,7 @@ class Engine:
 
     async def shutdown(self) -> None:
         """Leave VMs running (they survive the daemon); stop watching them."""
+        self.networks.close()
         for rt in self.runtimes.values():
             if rt.monitor:
                 rt.monitor.cancel()
@@ -209,13 +225,65 @@ class Engine:
                 with contextlib.suppress(Exception):
                     await detach()
 
+    # --- networks ---------------------------------------------------------------
+
+    async def create_network(self, name: str, driver: str, **kw: Any) -> Network:
+        n = await self.networks.create(name, driver, **kw)
+        self.events.publish("network", "create", n.id, name=n.name, type=n.driver)
+        return n
+
+    async def remove_network(self, ref: str) -> None:
+        running = {c.id for c in self.containers.values() if c.state.running}
+        n = await self.networks.remove(ref, running)
+        self.events.publish("network", "destroy", n.id, name=n.name, type=n.driver)
+
+    async def prune_networks(self, keep: Callable[[Network], bool]) -> list[str]:
+        """Remove user-defined networks no container is configured on."""
+        used = {name for c in self.containers.values() for name in configured(c)}
+        out = []
+        for n in list(self.networks.networks.values()):
+            if n.name in used or keep(n):
+                continue
+            await self.remove_network(n.id)
+            out.append(n.name)
+        return out
+
+    async def connect_network(self, ref: str, container: str,
+                              settings: dict[str, Any] | None) -> None:
+        c = self.get(container)
+        rt = self.rt(c)
+        async with rt.lock:
+            if c.state.status == cs.PAUSED:
+                raise Conflict(f"Container {c.id} is paused, unpause the container before "
+                               "connecting it to a network")
+            name = await self.nets.connect(c, rt.vm if c.state.running else None, ref, settings)
+            self.store.save(c)
+        self._network_event("connect", name, c)
+
+    async def disconnect_network(self, ref: str, container: str, force: bool = False) -> None:
+        c = self.get(container)
+        rt = self.rt(c)
+        async with rt.lock:
+            if c.state.status == cs.PAUSED:
+                raise Conflict(f"Container {c.id} is paused, unpause the container before "
+                               "disconnecting it from a network")
+            name = await self.nets.disconnect(c, rt.vm if c.state.running else None, ref)
+            self.store.save(c)
+        self._network_event("disconnect", name, c)
+
+    def _network_event(self, action: str, name: str, c: Container) -> None:
+        n = self.networks.find(name)
+        self.events.publish("network", action, n.id if n else name, container=c.id, name=name,
+                            type=n.driver if n else "bridge")
+
     def log_path(self, c: Container) -> Any:
         return self.store.dir_for(c.id) / f"{c.id}-json.log"
 
     # --- create ---------------------------------------------------------------
 
     async def create(
-        self, name: str | None, cfg: dict[str, Any], host_config: dict[str, Any]
+        self, name: str | None, cfg: dict[str, Any], host_config: dict[str, Any],
+        networking: dict[str, Any] | None = None,
     ) -> tuple[Container, list[str]]:
         image_ref = cfg.get("Image") or ""
         if not image_ref:
@@ -226,6 +294,7 @@ class Engine:
         _validate_host_config(host_config)
         merged = _merge_image_config(cfg, image.config.get("config") or {})
         mode = network_mode(host_config)
+        networks = self.nets.plan(host_config, networking)
         plan_ports(merged, host_config)  # a bad -p is refused at create, as dockerd does
         hosts_file("x", mode, host_config.get("ExtraHosts"))
         entrypoint = merged.get("Entrypoint") or []
@@ -258,6 +327,7 @@ class Engine:
                 args=argv[1:],
                 config=merged,
                 host_config=host_config,
+                networks=networks,
             )
             self.containers[cid] = c
             self.store.save(c)
@@ -418,12 +488,14 @@ class Engine:
     async def _start_vm(self, c: Container) -> None:
         rt = self.rt(c)
         spec = await self._vm_spec(c)
-        mode = network_mode(c.host_config)
+        mode = self.nets.egress_mode(c)
         ports = allocate(plan_ports(c.config, c.host_config), f"{c.name} ({c.id[:12]})")
         nic = make_nic(c.id, mode, ports)
-        spec.nics = [nic.to_dict()]
-        spec.hosts = hosts_file(spec.hostname, mode, c.host_config.get("ExtraHosts"))
-        spec.resolv = resolv_file(c.host_config, mode)
+        slots = await self.nets.plug(c)
+        spec.nics = [nic.to_dict()] + [n.to_dict() for n in slots]
+        own_ip = slots[0].address.split("/")[0] if slots else GUEST_IP
+        spec.hosts = hosts_file(spec.hostname, mode, c.host_config.get("ExtraHosts"), own_ip)
+        spec.resolv = resolv_file(c.host_config, mode, self.nets.resolver(slots))
         spec.disks = self._attach_volumes(c)
         spec.binds = [BindSpec(Path(m["Source"]), m["Destination"], not m["RW"])
                       for m in c.mounts if m["Type"] == "bind"]
@@ -437,6 +509,9 @@ class Engine:
         except StartError as e:
             await self._exited(c, e.exit_code, e.message)
             raise InvalidParameter(e.message) from e
+        except BaseException:
+            await self.nets.release(c)
+            raise
         rt.vm = vm
         self._volumes_started(c)
         c.nic = spec.nics[0]
@@ -482,6 +557,7 @@ class Engine:
         if c.nic is not None:
             self._volumes_stopped(c)
         c.nic = None
+        await self.nets.release(c)
         c.state.exit_code = code
         c.state.error = error
         c.state.finished_at = rfc3339_now()

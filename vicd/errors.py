@@ -33,3 +33,9 @@ class NotModified(VicdError):
     """Already in the requested state (start a running container): HTTP 304."""
 
     status = 304
+
+
+class Forbidden(VicdError):
+    """Allowed in general, refused here (overlapping pools, active endpoints): HTTP 403."""
+
+    status = 403

@@ -58,7 +58,7 @@ def network_mode(host_config: dict[str, Any]) -> str:
         )
     if mode.startswith("container:"):
         raise InvalidParameter("network mode \"container:\" is not supported by vicd")
-    raise InvalidParameter(f"network {mode} not found")
+    return mode  # a user-defined network: the caller checks that it exists
 
 
 def mac_for(container_id: str) -> str:
@@ -79,7 +79,8 @@ def make_nic(container_id: str, mode: str, ports: list[PortMapping]) -> NIC:
     )
 
 
-def hosts_file(hostname: str, mode: str, extra_hosts: list[str] | None) -> str:
+def hosts_file(hostname: str, mode: str, extra_hosts: list[str] | None,
+               own_ip: str = GUEST_IP) -> str:
     text = HOSTS_HEADER
     for entry in extra_hosts or []:
         name, sep, ip = entry.partition(":")
@@ -89,33 +90,22 @@ def hosts_file(hostname: str, mode: str, extra_hosts: list[str] | None) -> str:
             ip = GATEWAY
         text += f"{ip}\t{name}\n"
     if mode != "none":
-        text += f"{GUEST_IP}\t{hostname}\n"
+        text += f"{own_ip}\t{hostname}\n"
     return text
 
 
-def resolv_file(host_config: dict[str, Any], mode: str) -> str:
-    servers = host_config.get("Dns") or ([DNS] if mode != "none" else [])
+def resolv_file(host_config: dict[str, Any], mode: str, embedded_dns: str = "") -> str:
+    """dockerd's resolv.conf; on a user-defined network the embedded DNS
+    (``embedded_dns``: its address) resolves the network's containers."""
+    default = [embedded_dns or DNS] if mode != "none" else []
+    servers = host_config.get("Dns") or default
     lines = [f"nameserver {s}" for s in servers]
     if host_config.get("DnsSearch"):
         lines.append("search " + " ".join(host_config["DnsSearch"]))
-    if host_config.get("DnsOptions"):
-        lines.append("options " + " ".join(host_config["DnsOptions"]))
+    options = list(host_config.get("DnsOptions") or [])
+    if embedded_dns and not host_config.get("Dns") and not any(
+            o.startswith("ndots:") for o in options):
+        options.append("ndots:0")
+    if options:
+        lines.append("options " + " ".join(options))
     return "\n".join(lines) + "\n" if lines else ""
-
-
-def settings_view(nic: dict[str, Any] | None, running: bool) -> dict[str, Any]:
-    """NetworkSettings.Networks entry for the container's network, as dockerd shows it."""
-    up = bool(nic and running and nic.get("address"))
-    name = (nic or {}).get("network", "bridge")
-    return {
-        name: {
-            "IPAMConfig": None, "Links": None, "Aliases": None,
-            "NetworkID": name, "EndpointID": (nic or {}).get("mac", "") if up else "",
-            "Gateway": nic["gateway"] if up and nic else "",
-            "IPAddress": GUEST_IP if up else "",
-            "IPPrefixLen": PREFIX if up else 0,
-            "IPv6Gateway": "", "GlobalIPv6Address": "", "GlobalIPv6PrefixLen": 0,
-            "MacAddress": (nic or {}).get("mac", "") if up else "",
-            "DriverOpts": None,
-        }
-    }

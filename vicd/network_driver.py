@@ -86,7 +86,7 @@ class NetworkDriver(Protocol):
         (after a host reboot); idempotent."""
         ...
 
-    def dns_socket(self, network_id: str) -> socket.socket | None:
+    def dns_socket(self, network_id: str, gateway: str) -> socket.socket | None:
         """A UDP socket the containers on this network reach as their resolver
         (bound to the gateway, port 53), or None when the driver cannot offer
         one: the engine serves names of the network's endpoints on it."""

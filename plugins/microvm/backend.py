@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -30,6 +29,15 @@ from vicd.errors import InvalidParameter, VicdError
 from vicd.plugins.microvm import archive
 from vicd.plugins.microvm.binds import SharedFolder, SharedFolders
 from vicd.plugins.microvm.guest import TetherGuest, process_fields
+from vicd.plugins.microvm.netns import (
+    NetNS,
+    NetNSError,
+    namespace_for,
+    plug_tap,
+    root_digest,
+    tap_name,
+    unplug_tap,
+)
 from vicd.plugins.microvm.qemu import (
     QemuProcess,
     VMFiles,
@@ -54,6 +62,8 @@ KVM_PROBE_TIMEOUT = 6.0
 # Every root overlay has this virtual size (sparse), so one template's disk
 # slot fits every container: the guest learnt the size at template boot.
 ROOT_SLOT_BYTES = 64 << 30
+# NICs a VM can have on daemon networks (docker network connect) besides eth0.
+NIC_SLOTS = 3
 
 
 class RestoreError(VicdError):
@@ -73,6 +83,7 @@ class MicroVM(TetherGuest):
         self.next_chan = 2
         self.folders: SharedFolders | None = None
         self.memory_mb = memory_mb  # the boot size; the balloon stays under it
+        self.netns: NetNS | None = None
         self._qmp: QMP | None = None
         self._killed = False
 
@@ -89,6 +100,17 @@ class MicroVM(TetherGuest):
                 f"grow beyond the {self.memory_mb} MiB its VM booted with")
         # The guest's MemTotal follows the balloon, so stats need no correction.
         await (await self.qmp()).execute("balloon", value=mb << 20)
+
+    async def connect_nic(self, nic: dict[str, Any]) -> None:
+        if self.netns is None:
+            raise InvalidParameter("this VM has no NIC slots for networks")
+        await asyncio.to_thread(plug_tap, self.netns, self.cid, nic)
+        await self.conn.request("net", interfaces=[_slot_iface(nic)], timeout=10)
+
+    async def disconnect_nic(self, slot: int) -> None:
+        await self.conn.request("net", interfaces=[{"slot": slot, "address": ""}], timeout=10)
+        if self.netns is not None:
+            await asyncio.to_thread(unplug_tap, self.netns, self.cid, slot)
 
     async def pause(self) -> None:
         await (await self.qmp()).execute("stop")
@@ -151,6 +173,8 @@ class MicroVMBackend:
         self.kernel_release = ""
         self.templates = TemplateStore(self.root / "templates", config.templates_max)
         self.run_dir = _run_dir(config.data_root)
+        self.netns: NetNS | None = namespace_for(config.data_root) if NetNS.usable() else None
+        self.nic_slots = NIC_SLOTS if self.netns else 0
         self._prebuild: asyncio.Task[None] | None = None
 
     # --- setup ----------------------------------------------------------------
@@ -167,6 +191,12 @@ class MicroVMBackend:
             raise VicdError("qemu-system-x86_64 not found (apt-get install qemu-system-x86)")
         self.kernel_release = (self.guest_dir / "kernel.release").read_text().strip()
         self._cleanup_stale_folders()
+        if self.netns is not None:
+            try:
+                await asyncio.to_thread(self.netns.ensure)
+            except NetNSError as e:
+                log.warning("no user-defined networks: %s", e)
+                self.netns, self.nic_slots = None, 0
         self.accel = await self._choose_accel()
         log.info("microvm backend: accelerator %s, guest kernel %s", self.accel,
                  self.kernel_release)
@@ -266,6 +296,7 @@ class MicroVMBackend:
         mem_shared: bool = False,
         nic: dict[str, Any] | None = None,
         shared: list[SharedFolder] | None = None,
+        taps: list[int] | None = None,
     ) -> list[str]:
         return build_cmdline(
             files=files,
@@ -279,6 +310,7 @@ class MicroVMBackend:
             mem_shared=mem_shared,
             nic=nic,
             shared=[(f.tag, f.socket) for f in shared or []],
+            taps=taps,
         )
 
     async def create(self, spec: VMSpec) -> None:
@@ -313,24 +345,30 @@ class MicroVMBackend:
         t0 = time.monotonic()
         folders = self._folders(spec.container_id)
         shared = await folders.prepare(spec.binds) if spec.binds else []
+        taps: list[int] = []
         try:
+            taps = await self._open_taps(spec.container_id, spec.nics[1:])
             launched = None
             if not shared:  # vhost-user devices cannot be in a migration snapshot
-                launched = await self._launch_from_template(spec, files, disks)
+                launched = await self._launch_from_template(spec, files, disks, taps)
             how = "restored from template"
             if launched is None:
                 how = "booted" + (" (host folders need a cold boot)" if shared else "")
                 argv = self._argv(files, self.accel, spec.memory_mb, spec.cpus, disks,
-                                  nic=_nic(spec), shared=shared)
-                launched = await self._launch(argv, files)
+                                  nic=_nic(spec), shared=shared, taps=taps)
+                launched = await self._launch(argv, files, taps)
         except BaseException:
             folders.cleanup()
             raise
+        finally:
+            for fd in taps:  # QEMU holds its own copies: the taps live as long as it
+                os.close(fd)
         proc, conn, hello = launched
         t_boot = time.monotonic() - t0
         # Volumes outlive the container: only a VM without them may end unflushed.
         vm = MicroVM(spec.container_id, files, proc, conn, spec.ephemeral and not spec.disks,
                      spec.memory_mb)
+        vm.netns = self.netns
         try:
             channel = conn.open_channel(1, sink)
             config = {
@@ -369,11 +407,39 @@ class MicroVMBackend:
         )
         return vm
 
+    async def _open_taps(self, cid: str, nics: list[dict[str, Any]]) -> list[int]:
+        """Every NIC slot's tap (the device layout needs them all), the
+        connected ones already on their networks' bridges."""
+        if self.netns is None:
+            if nics:
+                raise InvalidParameter("user-defined networks need vicd to run as root "
+                                       "(CAP_NET_ADMIN) with iproute2")
+            return []
+        ns = self.netns
+
+        def open_all() -> list[int]:
+            fds: list[int] = []
+            try:
+                for slot in range(1, self.nic_slots + 1):
+                    fds.append(ns.open_tap(tap_name(cid, slot)))
+                for nic in nics:
+                    plug_tap(ns, cid, nic)
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            return fds
+
+        try:
+            return await asyncio.to_thread(open_all)
+        except NetNSError as e:
+            raise VicdError(f"cannot plug the container's NICs: {e}") from None
+
     async def _launch(
-        self, argv: list[str], files: VMFiles
+        self, argv: list[str], files: VMFiles, taps: list[int] | None = None
     ) -> tuple[QemuProcess, TetherConnection, dict[str, Any]]:
         """Cold boot: start QEMU and wait for the tether's hello."""
-        proc = QemuProcess.spawn(argv, files)
+        proc = QemuProcess.spawn(argv, files, tuple(taps or ()))
         try:
             conn = await TetherConnection.connect(str(files.ctl), 10)
             try:
@@ -394,10 +460,11 @@ class MicroVMBackend:
     # --- templates ------------------------------------------------------------
 
     def _shape(self, spec: VMSpec) -> Shape:
-        return Shape(spec.memory_mb, spec.cpus, self.accel, ROOT_SLOT_BYTES, len(spec.disks))
+        return Shape(spec.memory_mb, spec.cpus, self.accel, ROOT_SLOT_BYTES, len(spec.disks),
+                     self.nic_slots)
 
     async def _launch_from_template(
-        self, spec: VMSpec, files: VMFiles, disks: list[tuple[Path, str, bool]]
+        self, spec: VMSpec, files: VMFiles, disks: list[tuple[Path, str, bool]], taps: list[int]
     ) -> tuple[QemuProcess, TetherConnection, dict[str, Any]] | None:
         """Restore the shape's template, building it first if needed; None: cold-boot."""
         if not self.config.templates:
@@ -417,7 +484,7 @@ class MicroVMBackend:
             return None
         self.templates.touch(t)
         try:
-            return await self._restore(t, shape, files, disks, _nic(spec))
+            return await self._restore(t, shape, files, disks, _nic(spec), taps)
         except (RestoreError, TetherError, QMPError, OSError) as e:
             self.templates.discard(t, f"restore failed: {e}")
             log.warning("container %s: cold boot after a failed restore", spec.container_id[:12])
@@ -425,7 +492,7 @@ class MicroVMBackend:
 
     async def _prebuild_default(self) -> None:
         shape = Shape(max(self.config.vm_memory_mb, self.config.vm_min_memory_mb), 1,
-                      self.accel, ROOT_SLOT_BYTES)
+                      self.accel, ROOT_SLOT_BYTES, nic_slots=self.nic_slots)
         try:
             await self._ensure_template(shape)
         except Exception as e:  # the first start will try again, or cold-boot
@@ -447,9 +514,19 @@ class MicroVMBackend:
             with open(path, "wb") as f:
                 f.truncate(VOLUME_SLOT_BYTES)
             disks.append((path, "raw", False))
+        taps: list[int] = []
+        if shape.nic_slots:
+            assert self.netns is not None
+            tag = f"b{os.urandom(4).hex()}"
+            taps = [await asyncio.to_thread(self.netns.open_tap, f"{tag}.{i}")
+                    for i in range(1, shape.nic_slots + 1)]
         argv = self._argv(files, shape.accel, shape.memory_mb, shape.cpus, disks,
-                          mem_path=tmp / "mem", mem_shared=True)
-        proc, conn, _ = await self._launch(argv, files)
+                          mem_path=tmp / "mem", mem_shared=True, taps=taps)
+        try:
+            proc, conn, _ = await self._launch(argv, files, taps)
+        finally:
+            for fd in taps:
+                os.close(fd)
         try:
             qmp = await QMP.connect(str(files.qmp))
             try:
@@ -469,12 +546,12 @@ class MicroVMBackend:
 
     async def _restore(
         self, t: Template, shape: Shape, files: VMFiles, disks: list[tuple[Path, str, bool]],
-        nic: dict[str, Any] | None,
+        nic: dict[str, Any] | None, taps: list[int],
     ) -> tuple[QemuProcess, TetherConnection, dict[str, Any]]:
         argv = self._argv(files, shape.accel, shape.memory_mb, shape.cpus, disks,
-                          mem_path=t.mem, mem_shared=False, nic=nic)
+                          mem_path=t.mem, mem_shared=False, nic=nic, taps=taps)
         argv += ["-incoming", "defer"]
-        proc = QemuProcess.spawn(argv, files)
+        proc = QemuProcess.spawn(argv, files, tuple(taps))
         try:
             qmp = await QMP.connect(str(files.qmp))
             try:
@@ -519,6 +596,7 @@ class MicroVMBackend:
             await conn.close()
             return None
         vm = MicroVM(container_id, files, proc, conn, memory_mb=_boot_memory_mb(pid))
+        vm.netns = self.netns
         vm.folders = self._folders(container_id)  # undone when this VM ends
         vm.main = TetherProcess(conn, 1, channel, int(hello.get("pid", 0) or 0))
         if hello.get("state") == "exited" and not channel.exit.done():
@@ -579,7 +657,7 @@ def _boot_memory_mb(pid: int) -> int:
 
 def _run_dir(data_root: Path) -> Path:
     """A short folder for the VMs' sockets, stable for a data root across restarts."""
-    digest = hashlib.sha256(str(data_root.resolve()).encode()).hexdigest()[:12]
+    digest = root_digest(data_root)
     base = Path("/run/vicd") if os.access("/run", os.W_OK) else Path(tempfile.gettempdir())
     d = base / digest
     d.mkdir(parents=True, exist_ok=True)
@@ -593,11 +671,18 @@ def _nic(spec: VMSpec) -> dict[str, Any] | None:
 def _guest_network(spec: VMSpec) -> dict[str, Any]:
     """The run request's network: what the tether configures inside the guest."""
     ifaces = [
-        {"name": f"eth{i}", "mac": n.get("mac", ""), "address": n.get("address", ""),
+        {"name": "eth0", "mac": n.get("mac", ""), "address": n.get("address", ""),
          "gateway": n.get("gateway", "")}
-        for i, n in enumerate(spec.nics)
-    ]
+        for n in spec.nics[:1]
+    ] + [_slot_iface(n) for n in spec.nics[1:]]
     return {"interfaces": ifaces, "hosts": spec.hosts, "resolv": spec.resolv}
+
+
+def _slot_iface(nic: dict[str, Any]) -> dict[str, Any]:
+    """A NIC on a daemon network: the tether finds it by its slot; the default
+    route stays on eth0 (egress and published ports)."""
+    return {"name": "", "slot": nic["slot"], "mac": nic.get("mac", ""),
+            "address": nic.get("address", "")}
 
 
 def _guest_binds(shared: list[SharedFolder]) -> list[dict[str, Any]]:

@@ -20,3 +20,12 @@ def register_volume_drivers(config: Config) -> dict[str, Any]:
     from vicd.plugins.microvm.volumes import LocalVolumeDriver
 
     return {"local": LocalVolumeDriver}
+
+
+@hookimpl(trylast=True)
+def register_network_drivers(config: Config) -> dict[str, Any]:
+    if config.backend != "microvm":
+        return {}
+    from vicd.plugins.microvm.bridge_driver import LocalBridgeDriver
+
+    return {"bridge": LocalBridgeDriver}

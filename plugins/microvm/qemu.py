@@ -94,6 +94,7 @@ def build_cmdline(
     mem_shared: bool = False,
     nic: dict[str, Any] | None = None,
     shared: list[tuple[str, Path]] | None = None,
+    taps: list[int] | None = None,
 ) -> list[str]:
     """The QEMU argv. ``disks`` are (path, format, read_only), the root first (vda).
 
@@ -145,6 +146,7 @@ def build_cmdline(
         "-pidfile", str(files.pidfile),
     ]
     argv += netdev_args(nic)
+    argv += tap_args(taps or [])
     if shared:
         # libvhost-user (virtiofsd) refuses legacy virtio, microvm's mmio default.
         argv += ["-global", "virtio-mmio.force-legacy=false"]
@@ -177,6 +179,25 @@ def netdev_args(nic: dict[str, Any] | None) -> list[str]:
     return ["-netdev", netdev, "-device", f"virtio-net-device,netdev=net0,mac={mac}"]
 
 
+def slot_mac(slot: int) -> str:
+    """The MAC a NIC slot's device boots with: the tether finds the slot by it
+    (and then gives the NIC the endpoint's own MAC)."""
+    return f"02:42:00:00:01:{slot:02x}"
+
+
+def tap_args(taps: list[int]) -> list[str]:
+    """NIC slots eth1..: taps (open fds) the daemon plugs into network bridges.
+
+    Always all of them, connected or not: microvm cannot hot-add a NIC, and
+    the template's device layout must match its clones'.
+    """
+    argv: list[str] = []
+    for i, fd in enumerate(taps, start=1):
+        argv += ["-netdev", f"tap,id=net{i},fd={fd},vhost=off",
+                 "-device", f"virtio-net-device,netdev=net{i},mac={slot_mac(i)}"]
+    return argv
+
+
 class QemuProcess:
     """A QEMU process we started or found again after a restart; watched via a pidfd."""
 
@@ -192,7 +213,7 @@ class QemuProcess:
         asyncio.get_running_loop().add_reader(self._fd, self._done)
 
     @classmethod
-    def spawn(cls, argv: list[str], files: VMFiles) -> QemuProcess:
+    def spawn(cls, argv: list[str], files: VMFiles, pass_fds: tuple[int, ...] = ()) -> QemuProcess:
         with open(files.qemu_log, "ab") as logf:
             proc = subprocess.Popen(
                 argv,
@@ -201,6 +222,7 @@ class QemuProcess:
                 stderr=logf,
                 start_new_session=True,  # the VM outlives the daemon
                 close_fds=True,
+                pass_fds=pass_fds,
             )
         return cls(proc.pid)
 

@@ -30,7 +30,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 3  # bump when the device layout of the command line changes
+LAYOUT_VERSION = 4  # bump when the device layout of the command line changes
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,7 @@ class Shape:
     accel: str
     root_slot_bytes: int
     extra_disks: int = 0
+    nic_slots: int = 0  # taps eth1.. for daemon networks (plugins/microvm/netns.py)
 
 
 @dataclass

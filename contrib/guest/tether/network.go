@@ -6,6 +6,8 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"syscall"
 	"time"
 	"unsafe"
@@ -13,7 +15,8 @@ import (
 
 // netIface is one NIC as the daemon wants the guest to see it.
 type netIface struct {
-	Name    string `json:"name"`    // eth0
+	Name    string `json:"name"`    // eth0; empty: the NIC of Slot
+	Slot    int    `json:"slot"`    // 1..: a NIC slot on a daemon network (found by its boot MAC)
 	MAC     string `json:"mac"`     // 02:42:...
 	Address string `json:"address"` // CIDR, e.g. 10.0.2.15/24; empty: leave down
 	Gateway string `json:"gateway"` // default route via this address, if set
@@ -79,7 +82,68 @@ func setupNetwork(cfg *netConfig) error {
 	return nil
 }
 
+// reconfigureNetwork is the "net" op: NICs plugged into or unplugged from
+// a daemon network while the container runs. An empty address takes the
+// NIC down and drops its addresses.
+func reconfigureNetwork(ifaces []netIface) (map[string]any, error) {
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_DGRAM, 0)
+	if err != nil {
+		return nil, fmt.Errorf("socket: %v", err)
+	}
+	defer syscall.Close(fd)
+	for _, nic := range ifaces {
+		if err := configureNIC(fd, nic); err != nil {
+			return nil, fmt.Errorf("slot %d: %v", nic.Slot, err)
+		}
+	}
+	return map[string]any{}, nil
+}
+
+var (
+	slotOnce  sync.Once
+	slotNames map[string]string // boot MAC -> interface name
+)
+
+// slotName finds a slot's interface by the MAC its device booted with
+// (02:42:00:00:01:<slot>): the first lookup happens before any MAC is
+// changed, and the map outlives template snapshots (same process).
+func slotName(slot int) (string, error) {
+	want := fmt.Sprintf("02:42:00:00:01:%02x", slot)
+	deadline := time.Now().Add(3 * time.Second)
+	for {
+		slotOnce.Do(func() { slotNames = map[string]string{} })
+		if name, ok := slotNames[want]; ok {
+			return name, nil
+		}
+		entries, _ := os.ReadDir("/sys/class/net")
+		for _, e := range entries {
+			addr, err := os.ReadFile("/sys/class/net/" + e.Name() + "/address")
+			if err != nil {
+				continue
+			}
+			mac := strings.TrimSpace(string(addr))
+			if _, seen := slotNames[mac]; !seen && strings.HasPrefix(mac, "02:42:00:00:01:") {
+				slotNames[mac] = e.Name()
+			}
+		}
+		if name, ok := slotNames[want]; ok {
+			return name, nil
+		}
+		if time.Now().After(deadline) {
+			return "", fmt.Errorf("no interface for NIC slot %d", slot)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 func configureNIC(fd int, nic netIface) error {
+	if nic.Name == "" {
+		name, err := slotName(nic.Slot)
+		if err != nil {
+			return err
+		}
+		nic.Name = name
+	}
 	// virtio_net probes asynchronously after the module loads.
 	deadline := time.Now().Add(3 * time.Second)
 	for {
@@ -90,6 +154,9 @@ func configureNIC(fd int, nic netIface) error {
 			return fmt.Errorf("no such interface")
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+	if nic.Slot > 0 && nic.Address == "" {
+		return ifDown(fd, nic.Name)
 	}
 	if nic.MAC != "" {
 		mac, err := net.ParseMAC(nic.MAC)
@@ -138,6 +205,26 @@ func configureNIC(fd int, nic netIface) error {
 		if err := ioctl(fd, siocaddrt, uintptr(unsafe.Pointer(&rt[0]))); err != nil && err != syscall.EEXIST {
 			return fmt.Errorf("default route: %v", err)
 		}
+	}
+	return nil
+}
+
+// ifDown takes a NIC down and removes its IPv4 address (and with it the
+// subnet's route): a disconnected network is gone from the container.
+func ifDown(fd int, name string) error {
+	r := newIfreq(name)
+	if err := ioctl(fd, siocgifflags, uintptr(unsafe.Pointer(r))); err != nil {
+		return fmt.Errorf("get flags: %v", err)
+	}
+	flags := binary.LittleEndian.Uint16(r.data[0:2]) &^ iffUp
+	binary.LittleEndian.PutUint16(r.data[0:2], flags)
+	if err := ioctl(fd, siocsifflags, uintptr(unsafe.Pointer(r))); err != nil {
+		return fmt.Errorf("down: %v", err)
+	}
+	r = newIfreq(name)
+	putSockaddrIn(r.data[:], net.IPv4zero)
+	if err := ioctl(fd, siocsifaddr, uintptr(unsafe.Pointer(r))); err != nil {
+		return fmt.Errorf("clear address: %v", err)
 	}
 	return nil
 }

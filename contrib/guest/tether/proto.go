@@ -179,6 +179,8 @@ type request struct {
 	OnlyTrees            []string `json:"only_trees"`
 	Frozen               bool     `json:"frozen"`
 	ChownUser            string   `json:"chown_user"`
+	// net: NICs to (re)configure on a running guest (network connect/disconnect).
+	Interfaces []netIface `json:"interfaces"`
 }
 
 type runConfig struct {

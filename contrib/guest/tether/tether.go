@@ -143,6 +143,8 @@ func (t *tether) handleCtrl(payload []byte) {
 			res, post, err = t.archivePut(&req)
 		case "freeze":
 			res, err = freeze(req.Frozen)
+		case "net":
+			res, err = reconfigureNetwork(req.Interfaces)
 		default:
 			err = fmt.Errorf("unknown op %q", req.Op)
 		}

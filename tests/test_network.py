@@ -124,15 +124,14 @@ def test_network_none(vicd: Vicd, host_server: int):
     assert r.returncode != 0 and "not supported" in r.stderr
 
 
-def test_builtin_networks_listed_and_user_networks_refused_clearly(vicd: Vicd):
-    names = vicd.docker("network", "ls", "--format", "{{.Name}}").stdout.split()
+def test_builtin_networks_listed(vicd: Vicd):
+    names = vicd.docker("network", "ls", "--filter", "type=builtin",
+                        "--format", "{{.Name}}").stdout.split()
     assert names == ["bridge", "none"]
     vicd.docker("run", "-d", "--name", "onbridge", "busybox", "sleep", "60")
     net = json.loads(vicd.docker("network", "inspect", "bridge").stdout)[0]
     (member,) = [m for m in net["Containers"].values() if m["Name"] == "onbridge"]
     assert member["IPv4Address"] == "10.0.2.15/24"
     vicd.docker("rm", "-f", "onbridge")
-    r = vicd.docker("network", "create", "mynet", check=False)
-    assert r.returncode == 1 and "not supported" in r.stderr
     r = vicd.docker("network", "inspect", "nosuchnet", check=False)
     assert r.returncode == 1 and "network nosuchnet not found" in r.stderr

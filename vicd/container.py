@@ -57,8 +57,8 @@ class Container:
     # Volumes in Docker's Mounts shape (vicd.mounts), fixed at create.
     mounts: list[dict[str, Any]] = field(default_factory=list)
     # Configured networks by name -> EndpointSettings (vicd.container_networks);
-    # empty in records from before user-defined networks.
-    networks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # None in records from before user-defined networks.
+    networks: dict[str, dict[str, Any]] | None = None
 
     @property
     def short_id(self) -> str:

@@ -32,7 +32,7 @@ def _settings(raw: dict[str, Any] | None) -> dict[str, Any]:
 
 def configured(c: Container) -> dict[str, dict[str, Any]]:
     """The container's networks by name (records from before networks: its mode)."""
-    if c.networks:
+    if c.networks is not None:
         return c.networks
     mode = c.host_config.get("NetworkMode") or "default"
     return {"bridge" if mode == "default" else mode: {}}
@@ -47,7 +47,8 @@ class ContainerNetworks:
              ) -> dict[str, dict[str, Any]]:
         """Networks of a new container from NetworkMode and NetworkingConfig."""
         mode = network_mode(host_config)
-        endpoints = (networking or {}).get("EndpointsConfig") or {}
+        endpoints = {("bridge" if k == "default" else k): v for k, v in
+                     ((networking or {}).get("EndpointsConfig") or {}).items()}
         out: dict[str, dict[str, Any]] = {}
         for ref in [mode, *[k for k in endpoints if k != mode]]:
             settings = _settings(endpoints.get(ref))
@@ -57,7 +58,10 @@ class ContainerNetworks:
                                            "containers in user defined networks")
                 out[ref] = settings
             else:
-                out[self.manager.get(ref).name] = settings
+                # dockerd creates the container and fails its start (404) when the
+                # network does not exist (a 404 at create makes the CLI pull the image).
+                n = self.manager.find(ref)
+                out[n.name if n else ref] = settings
         if "none" in out and len(out) > 1:
             raise InvalidParameter(PRIVATE)
         return out

@@ -514,6 +514,8 @@ class Engine:
             raise
         rt.vm = vm
         self._volumes_started(c)
+        for slot in slots:
+            self._network_event("connect", slot.network, c)
         c.nic = spec.nics[0]
         c.state = cs.State(status=cs.RUNNING, pid=vm.pid, started_at=rfc3339_now())
         c.has_been_started = True
@@ -557,6 +559,8 @@ class Engine:
         if c.nic is not None:
             self._volumes_stopped(c)
         c.nic = None
+        for n, _ in self.networks.endpoints_of(c.id):
+            self._network_event("disconnect", n.name, c)
         await self.nets.release(c)
         c.state.exit_code = code
         c.state.error = error

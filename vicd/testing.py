@@ -68,3 +68,9 @@ def kill_vms(data_root: Path) -> None:
     for pid in qemu_pids(data_root).values():
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
+    # The daemon's network namespace (bridges, taps) outlives it like its VMs.
+    from vicd.plugins.microvm.netns import NetNS, namespace_for
+
+    if NetNS.usable():
+        with contextlib.suppress(Exception):
+            namespace_for(data_root).remove()

@@ -99,6 +99,19 @@ def test_third_party_plugin_hooks_are_called(guest_dir, busybox_tar, tmp_path: P
         assert r.stdout == "via-plugin\n"
         assert (d.data_root / "testdisk" / "tv" / "disk.img").is_file()
         assert "volume_create" in (tmp_path / "hooks.log").read_text()
+        # Its network driver serves `docker network create -d testnet`.
+        nid = d.docker("network", "create", "-d", "testnet", "tn").stdout.strip()
+        d.docker("run", "-d", "--name", "tsrv", "--network", "tn", "busybox", "sh", "-c",
+                 "echo via-testnet > /tmp/index.html; exec httpd -f -p 80 -h /tmp")
+        r = d.docker("run", "--rm", "--network", "tn", "busybox", "wget", "-qO-", "http://tsrv/")
+        assert r.stdout == "via-testnet\n"
+        d.docker("rm", "-f", "tsrv")
+        d.docker("network", "rm", "tn")
+        net_calls = [c["hook"] for c in map(json.loads, (tmp_path / "hooks.log").read_text()
+                                            .splitlines()) if c.get("id", c.get("network")) == nid]
+        assert net_calls[0] == "network_create" and net_calls[-1] == "network_delete"
+        assert net_calls.count("join") == 2 and net_calls.count("leave") == 2
+        assert net_calls.count("endpoint_create") == 2 and net_calls.count("endpoint_delete") == 2
     finally:
         d.stop()
         d.kill_vms()

@@ -258,3 +258,17 @@ def test_docker_compose_web_and_db(vicd: Vicd, tmp_path: Path):
     assert "vicdtest" not in vicd.docker("ps", "-a", "--format", "{{.Names}}").stdout
     assert "vicdtest" not in vicd.docker("network", "ls", "--format", "{{.Name}}").stdout
     assert "vicdtest" not in vicd.docker("volume", "ls", "-q").stdout
+
+
+def test_internal_network_and_fixed_address(vicd: Vicd):
+    vicd.docker("network", "create", "--internal", "--subnet", "10.88.0.0/24", "inet")
+    try:
+        out = vicd.docker("run", "--rm", "--network", "inet", "--ip", "10.88.0.50", "busybox",
+                          "sh", "-c", "ip -o -4 addr; ip route").stdout
+        assert "10.88.0.50/24" in out
+        assert "10.0.2.15" not in out and "default" not in out  # no egress NIC up
+        r = vicd.docker("run", "--rm", "--network", "inet", "--ip", "10.99.0.5", "busybox",
+                        "true", check=False)
+        assert r.returncode != 0 and "no matching subnet" in r.stderr
+    finally:
+        vicd.docker("network", "rm", "inet")

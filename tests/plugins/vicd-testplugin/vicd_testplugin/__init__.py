@@ -57,3 +57,37 @@ def register_volume_drivers(config: Any) -> dict[str, Any]:
             super().create(name, opts)
 
     return {"testdisk": TestDiskDriver}
+
+
+@hookimpl
+def register_network_drivers(config: Any) -> dict[str, Any]:
+    """A network driver of Docker's shape that records each call; its bridges
+    are the microvm kind (so VMs can join them)."""
+    from vicd.plugins.microvm.bridge_driver import LocalBridgeDriver
+
+    class TestNetDriver(LocalBridgeDriver):
+        name = "testnet"
+
+        def create_network(self, network: Any) -> None:
+            _record("network_create", id=network.id, subnet=network.subnet)
+            super().create_network(network)
+
+        def delete_network(self, network_id: str) -> None:
+            _record("network_delete", id=network_id)
+            super().delete_network(network_id)
+
+        def create_endpoint(self, network_id: str, endpoint_id: str, address: str, mac: str,
+                            options: dict[str, Any]) -> None:
+            _record("endpoint_create", network=network_id, address=address, mac=mac)
+
+        def delete_endpoint(self, network_id: str, endpoint_id: str) -> None:
+            _record("endpoint_delete", network=network_id)
+
+        def join(self, network_id: str, endpoint_id: str, container_id: str) -> dict[str, Any]:
+            _record("join", network=network_id, container=container_id)
+            return super().join(network_id, endpoint_id, container_id)
+
+        def leave(self, network_id: str, endpoint_id: str) -> None:
+            _record("leave", network=network_id)
+
+    return {"testnet": TestNetDriver}

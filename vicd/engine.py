@@ -11,7 +11,7 @@ import contextlib
 import logging
 import math
 import signal
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -250,26 +250,25 @@ class Engine:
 
     async def connect_network(self, ref: str, container: str,
                               settings: dict[str, Any] | None) -> None:
-        c = self.get(container)
-        rt = self.rt(c)
-        async with rt.lock:
-            if c.state.status == cs.PAUSED:
-                raise Conflict(f"Container {c.id} is paused, unpause the container before "
-                               "connecting it to a network")
-            name = await self.nets.connect(c, rt.vm if c.state.running else None, ref, settings)
-            self.store.save(c)
-        self._network_event("connect", name, c)
+        await self._change_networks("connect", container, lambda c, vm: self.nets.connect(
+            c, vm, ref, settings))
 
     async def disconnect_network(self, ref: str, container: str, force: bool = False) -> None:
+        await self._change_networks("disconnect", container, lambda c, vm: self.nets.disconnect(
+            c, vm, ref))
+
+    async def _change_networks(self, action: str, container: str,
+                               change: Callable[[Container, VM | None], Awaitable[str]]) -> None:
+        """docker network connect/disconnect: under the container's lock, stored, announced."""
         c = self.get(container)
         rt = self.rt(c)
         async with rt.lock:
             if c.state.status == cs.PAUSED:
                 raise Conflict(f"Container {c.id} is paused, unpause the container before "
-                               "disconnecting it from a network")
-            name = await self.nets.disconnect(c, rt.vm if c.state.running else None, ref)
+                               f"{action}ing it")
+            name = await change(c, rt.vm if c.state.running else None)
             self.store.save(c)
-        self._network_event("disconnect", name, c)
+        self._network_event(action, name, c)
 
     def _network_event(self, action: str, name: str, c: Container) -> None:
         n = self.networks.find(name)

@@ -28,6 +28,7 @@ import pytest
 
 from conftest import Vicd
 from refdockerd import RefDockerd, dockerd  # noqa: F401
+from registry_fixture import Registry, registry  # noqa: F401
 
 NET = ("--network", "none")
 _ID64 = re.compile(r"\b[0-9a-f]{64}\b")
@@ -431,3 +432,26 @@ def test_saved_by_dockerd_runs_on_vicd_and_back(both: Both, tmp_path: Path):
     finally:
         for d in (both.vicd, both.ref):
             d.docker("rmi", "rt-saved:1", check=False)
+
+
+def test_push_output(both: Both, registry: Registry):  # noqa: F811
+    """`docker push` of a fresh two-layer image as the CLI prints it (no terminal): the same
+    lines from both daemons (repository names and digests aside), then a push of it again."""
+    outs = []
+    for name, d in (("vicd", both.vicd), ("dockerd", both.ref)):
+        ref = f"{registry.host}/rc-push-{name}:1"
+        d.docker("rm", "-f", "rc-push", check=False)
+        d.docker("run", *NET, "--name", "rc-push", "busybox", "sh", "-c",
+                 f"echo {name} > /pushed")
+        d.docker("commit", "rc-push", ref)
+        d.docker("rm", "rc-push")
+        first = Seen.of(d.docker("push", ref))
+        again = Seen.of(d.docker("push", ref))
+        d.docker("rmi", ref)
+        # the layers' gzip streams (so the manifests' sizes) may differ by a few bytes
+        outs.append([(s.rc, re.sub(r"size: \d+", "size: N", s.out.replace(name, "NAME")), s.err)
+                     for s in (first, again)])
+    assert outs[0] == outs[1]
+    first_out = outs[1][0][1].splitlines()
+    assert first_out[0] == f"The push refers to repository [{registry.host}/rc-push-NAME]"
+    assert "<id>: Pushed" in first_out and first_out[-1].startswith("1: digest: sha256:<id>")

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Pull: the same multi-layer image pulled by vicd and by the reference dockerd 20.10 from a
-registry on loopback, side by side, interleaved in one run.
+"""Pull and push: the same multi-layer image pulled by vicd and by the reference dockerd 20.10
+from a registry on loopback, then pushed by each to an empty one, side by side, interleaved in
+one run.
 
 Builds an OCI layout of L gzip layers (S MiB of random-ish data each: half random bytes, half
 text from a small vocabulary, so gzip has work both ways), pushes it with skopeo to Debian's
@@ -10,10 +11,16 @@ image (``docker rmi``) between rounds; a round whose output says "Already exists
 every round downloads every layer. An untimed warm-up pull on each daemon comes first (it brings
 the registry's blobs into the page cache).
 
+Push: each daemon keeps the pulled image and, per round, pushes it to a registry started empty
+for that push (untimed), so every layer is compressed and uploaded (a round whose output says
+"Layer already exists" or "Mounted from" is an error). vicd uploads in PATCH chunks above its
+``push_chunk_size`` (16 MiB by default); dockerd streams each layer in one PATCH.
+
 The daemons take turns, the order reversing every round. Everything started here is stopped and
 removed at the end.
 
     .venv/bin/python benchmarks/bench_pull.py [--quick] [-n N] [--layers L] [--layer-mb S]
+        [--no-push]
 """
 
 from __future__ import annotations
@@ -85,12 +92,31 @@ def pull(d: Daemon, ref: str) -> float:
     return dt
 
 
+def push(d: Daemon, ref: str, base: Path) -> float:
+    """One timed push of `ref` to a registry started empty for it (start and stop untimed)."""
+    reg = Registry(base)
+    reg.start()
+    try:
+        target = f"{reg.host}/{REPO_TAG}"
+        d.docker("tag", ref, target)
+        t0 = time.perf_counter()
+        r = d.docker("push", target)
+        dt = time.perf_counter() - t0
+        if b"Layer already exists" in r.stdout or b"Mounted from" in r.stdout:
+            raise RuntimeError(f"[{d.name}] a layer was not uploaded: {r.stdout.decode()}")
+        d.docker("rmi", target)
+        return dt
+    finally:
+        reg.stop()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", "--rounds", type=int, help="timed pulls per daemon (7)")
     ap.add_argument("--layers", type=int, default=4, help="layers in the image (4)")
     ap.add_argument("--layer-mb", type=int, default=4, help="MiB of data per layer (4)")
     ap.add_argument("--quick", action="store_true", help="n=3")
+    ap.add_argument("--no-push", action="store_true", help="measure pulls only")
     add_shared_args(ap)
     a = ap.parse_args()
     if a.rounds is None:
@@ -116,6 +142,13 @@ def main() -> int:
                     pull(d, ref)  # warm-up, untimed
                 print(f"pull: {a.rounds} rounds ...", file=sys.stderr)
                 times = interleave(daemons, a.rounds, lambda d, i: pull(d, ref))
+                pushes: dict[str, list[float]] = {}
+                if not a.no_push:
+                    for d in daemons:
+                        d.docker("pull", ref)
+                    print(f"push: {a.rounds} rounds ...", file=sys.stderr)
+                    pushes = interleave(daemons, a.rounds,
+                                        lambda d, i: push(d, ref, work / f"push-{d.name}-{i}"))
         finally:
             reg.stop()
 
@@ -126,12 +159,20 @@ def main() -> int:
     rows.append(("throughput at the median (compressed)",
                  {k: packed / statistics.median(v) for k, v in times.items()},
                  lambda x: fmt_mb(x) + "/s"))
+    if pushes:
+        for stat, f in (("median", statistics.median), ("min", min), ("max", max)):
+            rows.append((f"push {a.layers} layers, {stat}",
+                         {k: f(v) for k, v in pushes.items()}, fmt_s))
+        rows.append(("push throughput at the median (unpacked)",
+                     {k: unpacked / statistics.median(v) for k, v in pushes.items()},
+                     lambda x: fmt_mb(x) + "/s"))
     print_table(rows, ["vicd", "dockerd"], [("vicd/dockerd", "vicd", "dockerd")])
     print(f"\n(stock docker CLI {DOCKER_CLI}; times include the CLI's own start-up; n={a.rounds}; "
           f"image: {a.layers} gzip layers, {fmt_mb(packed)} compressed, {fmt_mb(unpacked)} "
-          f"unpacked; docker-registry on 127.0.0.1:{reg.port}; rmi between rounds)")
+          f"unpacked; docker-registry on 127.0.0.1:{reg.port}; rmi between pull rounds; "
+          "each push to an empty registry)")
     if a.json:
-        Path(a.json).write_text(json.dumps({"pull": times, "compressed": packed,
+        Path(a.json).write_text(json.dumps({"pull": times, "push": pushes, "compressed": packed,
                                             "uncompressed": unpacked, "args": vars(a)}, indent=1))
     return 0
 

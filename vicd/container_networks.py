@@ -43,6 +43,10 @@ class ContainerNetworks:
         self.manager = manager
         self.backend = backend
 
+    @property
+    def slots(self) -> int:
+        return getattr(self.backend, "nic_slots", 0)
+
     def plan(self, host_config: dict[str, Any], networking: dict[str, Any] | None
              ) -> dict[str, dict[str, Any]]:
         """Networks of a new container from NetworkMode and NetworkingConfig."""
@@ -83,9 +87,9 @@ class ContainerNetworks:
     async def plug(self, c: Container) -> list[NicSpec]:
         """Endpoints for a starting container, one NIC slot per user network."""
         user = self.user_networks(c)
-        if len(user) > self.backend.nic_slots:
+        if len(user) > self.slots:
             raise InvalidParameter(
-                f"a {self.backend.name} container VM has {self.backend.nic_slots} NIC slots "
+                f"a {self.backend.name} container VM has {self.slots} NIC slots "
                 f"for user-defined networks; {c.name} is on {len(user)}")
         nics: list[NicSpec] = []
         try:
@@ -131,7 +135,7 @@ class ContainerNetworks:
             raise Forbidden(f"endpoint with name {c.name} already exists in network {name}")
         if n is not None and vm is not None:
             used = {ep.slot for _, ep in self.manager.endpoints_of(c.id)}
-            free = [s for s in range(1, self.backend.nic_slots + 1) if s not in used]
+            free = [s for s in range(1, self.slots + 1) if s not in used]
             if not free:
                 raise Forbidden(f"{c.name} is on {len(used)} user-defined networks: every NIC "
                                 "slot of its VM is taken")

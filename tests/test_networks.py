@@ -12,6 +12,7 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -272,3 +273,42 @@ def test_internal_network_and_fixed_address(vicd: Vicd):
         assert r.returncode != 0 and "no matching subnet" in r.stderr
     finally:
         vicd.docker("network", "rm", "inet")
+
+
+HEALTHY = """\
+version: "2.4"
+services:
+  db:
+    image: busybox
+    command: ["sh", "-c", "sleep 2; touch /tmp/ready; exec sleep 300"]
+    healthcheck:
+      test: ["CMD", "test", "-f", "/tmp/ready"]
+      interval: 1s
+      retries: 30
+  app:
+    image: busybox
+    command: ["sleep", "300"]
+    depends_on:
+      db:
+        condition: service_healthy
+"""
+
+
+def test_docker_compose_waits_for_a_healthy_service(vicd: Vicd, tmp_path: Path):
+    """compose's service_healthy: app starts only once db's healthcheck passed."""
+    (tmp_path / "docker-compose.yml").write_text(HEALTHY)
+    env = {"DOCKER_HOST": vicd.host, "PATH": "/usr/bin:/bin:/usr/local/bin"}
+    run = ["docker-compose", "-p", "vicdhealth"]
+    try:
+        r = subprocess.run([*run, "up", "-d"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+        db = vicd.inspect("vicdhealth_db_1")
+        app = vicd.inspect("vicdhealth_app_1")
+        assert db["State"]["Health"]["Status"] == "healthy"
+        # db becomes healthy 2 s after it starts at the earliest: app waited for that.
+        started = [datetime.fromisoformat(x["State"]["StartedAt"][:26]) for x in (db, app)]
+        assert (started[1] - started[0]).total_seconds() >= 2
+    finally:
+        subprocess.run([*run, "down", "-v"], cwd=tmp_path, env=env, capture_output=True,
+                       timeout=300)

@@ -245,8 +245,6 @@ async def push(request: web.Request) -> web.StreamResponse:
         tags = [tag_] if _has_ref(store, repo.with_tag(tag_)) else []
     else:
         tags = store.repository_tags(repo)
-    if not tags:
-        raise NotFound(f"An image does not exist locally with the tag: {repo.familiar_name()}")
     auth = AuthConfig.from_header(request.headers.get("X-Registry-Auth"))
     pushed: list[tuple[str, str, int]] = []
     opts = TransferOptions.from_config(daemon.config)

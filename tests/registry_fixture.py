@@ -42,9 +42,9 @@ def lines(out: str) -> list[str]:
     return [x.strip() for x in out.splitlines() if x.strip()]
 
 
-def free_port() -> int:
+def free_port(addr: str = "127.0.0.1") -> int:
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
+    s.bind((addr, 0))
     port = s.getsockname()[1]
     s.close()
     return port
@@ -58,18 +58,19 @@ class Registry:
     port: int = 0
     htpasswd: bool = False
     token: TokenServer | None = None
+    addr: str = "127.0.0.1"
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.addr}:{self.port}"
 
     @property
     def storage(self) -> Path:
         return self.dir / "storage"
 
     def start(self) -> None:
-        self.port = self.port or free_port()
+        self.port = self.port or free_port(self.addr)
         self.dir.mkdir(parents=True, exist_ok=True)
         auth = self.token.registry_auth_yaml() if self.token else ""
         if self.htpasswd:

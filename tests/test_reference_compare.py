@@ -26,7 +26,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from conftest import Vicd
+from conftest import Vicd, configured_vicd
 from refdockerd import RefDockerd, dockerd  # noqa: F401
 from registry_fixture import Registry, registry  # noqa: F401
 
@@ -455,3 +455,42 @@ def test_push_output(both: Both, registry: Registry):  # noqa: F811
     first_out = outs[1][0][1].splitlines()
     assert first_out[0] == f"The push refers to repository [{registry.host}/rc-push-NAME]"
     assert "<id>: Pushed" in first_out and first_out[-1].startswith("1: digest: sha256:<id>")
+
+
+def _non_loopback_ipv4() -> str | None:
+    out = subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split()
+    return next((a for a in out if "." in a and not a.startswith("127.")), None)
+
+
+def test_plain_http_only_for_loopback_or_configured(both: Both, tmp_path: Path,
+                                                    busybox_tar: Path):
+    """A registry speaking plain HTTP on a non-loopback address: refused with dockerd's words
+    unless it is in `insecure_registries`; a push of a tag that does not exist fails in the
+    stream, after the `The push refers to` line, as on dockerd."""
+    addr = _non_loopback_ipv4()
+    if addr is None:
+        pytest.skip("no non-loopback IPv4 address here")
+    reg = Registry(tmp_path / "reg", addr=addr)
+    reg.start()
+    allowed = None
+    try:
+        ref = f"{reg.host}/plain:1"
+        v, d = both.run("pull", ref)
+        assert d.rc == 1 and (f'Get "https://{reg.host}/v2/": http: server gave HTTP response '
+                              "to HTTPS client") in d.err
+        assert v == d
+        v, d = both.run("push", f"{reg.host}/nosuchtag:1")
+        assert d == Seen(1, f"The push refers to repository [{reg.host}/nosuchtag]\n",
+                         f"An image does not exist locally with the tag: {reg.host}/nosuchtag\n")
+        assert v == d
+
+        (tmp_path / "v").mkdir()
+        allowed = configured_vicd(tmp_path / "v", f'insecure_registries = ["{reg.host}"]\n')
+        allowed.docker("import", str(busybox_tar), ref)
+        assert "Pushed" in allowed.docker("push", ref).stdout
+        allowed.docker("rmi", ref)
+        assert "Downloaded newer image" in allowed.docker("pull", ref).stdout
+    finally:
+        if allowed is not None:
+            allowed.stop()
+        reg.stop()

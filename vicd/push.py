@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from vicd.errors import NotFound
 from vicd.progress import Progress, Throttle, progress_line, status
 from vicd.references import Reference, parse_normalized
 from vicd.registry import (
@@ -123,6 +124,9 @@ class Pusher:
     async def run(self, emit: Progress) -> list[tuple[str, str, int]]:
         """Returns [(tag, manifest digest, size)]."""
         emit(status(f"The push refers to repository [{self.repo.name}]"))
+        if not self.tags:  # in the stream, after the line above, as dockerd says it
+            raise NotFound("An image does not exist locally with the tag: "
+                           f"{self.repo.familiar_name()}")
         await self.client.ping()
         return [await self._push_tag(tag, emit) for tag in self.tags]
 

@@ -243,6 +243,8 @@ def _net_error(method: str, url: str, e: BaseException) -> RegistryError:
     if isinstance(e, aiohttp.ClientConnectorDNSError):
         host = urlsplit(url).hostname
         reason = f"dial tcp: lookup {host}: no such host"
+    elif isinstance(e, aiohttp.ClientSSLError | ssl.SSLError) and "WRONG_VERSION_NUMBER" in str(e):
+        reason = "http: server gave HTTP response to HTTPS client"  # a plain-HTTP answer
     elif isinstance(e, aiohttp.ClientConnectorError):
         reason = f"dial tcp {e.host}:{e.port}: connect: {e.os_error.strerror or e.os_error}"
     elif isinstance(e, aiohttp.ClientPayloadError):

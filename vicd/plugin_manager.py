@@ -15,7 +15,8 @@ from vicd import hookspecs
 # Built-in plugins by entry-point name, registered even when vicd runs from a
 # source tree without its entry points installed.
 BUILTIN_PLUGINS = {"microvm": "vicd.plugins.microvm.plugin",
-                   "vsphere": "vicd.plugins.vsphere.plugin"}
+                   "vsphere": "vicd.plugins.vsphere.plugin",
+                   "nsx": "vicd.plugins.nsx.plugin"}
 ALLOWLIST_ENV = "VICD_PLUGINS"
 
 

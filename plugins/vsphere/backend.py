@@ -54,6 +54,7 @@ from vicd.plugins.vsphere.disks import (
     guest_mounts,
     volume_disks,
 )
+from vicd.plugins.vsphere.nics import NIC_SLOTS, NicPlugger, nic_slots_of
 from vicd.plugins.vsphere.serial import SerialListener
 from vicd.plugins.vsphere.settings import VSphereSettings
 from vicd.plugins.vsphere.view import FolderView, VMState
@@ -132,6 +133,15 @@ class VSphereVM(TetherGuest):
     async def resume(self) -> None:
         await self.backend.power(self.moid, "on")
 
+    async def connect_nic(self, nic: dict[str, Any]) -> None:
+        # vSphere hot-adds the vmxnet3 NIC; the guest configures it from its MAC.
+        await asyncio.to_thread(self.backend.nics.apply, self.backend._vm(self.moid), [nic],
+                                set())
+
+    async def disconnect_nic(self, slot: int) -> None:
+        await asyncio.to_thread(self.backend.nics.apply, self.backend._vm(self.moid), [],
+                                {slot})
+
     async def kill(self) -> None:
         self._killed = True
         await self.backend.power(self.moid, "off")
@@ -165,6 +175,7 @@ class VSphereVM(TetherGuest):
 
 class VSphereBackend:
     name = "vsphere"
+    nic_slots = NIC_SLOTS  # vSphere hot-adds NICs: every slot is usable live
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -173,6 +184,7 @@ class VSphereBackend:
         self.view_client = VimClient(self.settings, "view")
         self.listener = SerialListener(self.settings.serial_listen)
         self.files = DatastoreFiles(self.client, config.data_root / "vsphere" / "images")
+        self.nics = NicPlugger(self.client)
         self.view: FolderView | None = None
         self.infra: Infra | None = None
         self.instant: bool | None = None if self.settings.clone == "auto" else (
@@ -576,6 +588,12 @@ class VSphereBackend:
             cfg = vim.vm.ConfigSpec(extraConfig=[vim.option.OptionValue(key=k, value=v)
                                                  for k, v in {**stale, **want}.items()])
             await asyncio.to_thread(self._reconfig, self._vm(moid), cfg)
+        # NICs on driver networks (spec.nics[0] is the built-in one: the template's
+        # network): added before power-on, or hot-added to a running instant clone;
+        # ones left from an earlier run on other networks go.
+        nics = spec.nics[1:]
+        if nics or (st is not None and nic_slots_of(st.extra)):
+            await asyncio.to_thread(self.nics.apply, self._vm(moid), nics, set(), True)
         power = await asyncio.to_thread(self._power_of, moid)
         if spec.disks:
             await asyncio.to_thread(self._attach_volumes, moid, spec.disks, power)

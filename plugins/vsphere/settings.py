@@ -9,13 +9,12 @@ error messages never carry them.
 
 from __future__ import annotations
 
-import os
 import socket
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from vicd.credentials import load_credentials
 from vicd.errors import InvalidParameter
 
 
@@ -69,25 +68,10 @@ class VSphereSettings:
 
     def _load_credentials(self) -> None:
         parts = urlsplit(self.url)
-        user, password = parts.username or "", parts.password or ""
-        user = user or os.environ.get("VICD_VSPHERE_USER", "")
-        password = password or os.environ.get("VICD_VSPHERE_PASSWORD", "")
-        if (not user or not password) and self.credentials_file:
-            try:
-                lines = Path(self.credentials_file).read_text().splitlines()
-            except OSError as e:
-                raise InvalidParameter(
-                    f"vsphere: cannot read credentials_file {self.credentials_file}: "
-                    f"{e.strerror}") from None
-            if lines and ":" in lines[0] and len(lines) == 1:
-                u, _, p = lines[0].partition(":")
-            else:
-                u, p = (lines + ["", ""])[:2]
-            user, password = user or u.strip(), password or p.strip()
-        if not user or not password:
-            raise InvalidParameter("vsphere: no credentials (URL user info, "
-                                   "VICD_VSPHERE_USER/VICD_VSPHERE_PASSWORD or credentials_file)")
-        self.user, self.password = user, password
+        self.user, self.password = load_credentials(
+            "vsphere", parts.username or "", parts.password or "", "VICD_VSPHERE",
+            self.credentials_file,
+            "URL user info, VICD_VSPHERE_USER/VICD_VSPHERE_PASSWORD or credentials_file")
 
     @property
     def scheme(self) -> str:

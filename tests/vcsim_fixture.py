@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +66,9 @@ class VSphereEnv:
     port: int
     serial_port: int
     vcsim_flags: list[str] = field(default_factory=list)
+    # More of vicd's TOML (other plugins' tables) and environment.
+    extra_toml: str = ""
+    extra_env: dict[str, str] = field(default_factory=dict)
     vcsim: Proc | None = None
     hostemu: Proc | None = None
     vicd: Vicd | None = None
@@ -103,7 +106,7 @@ class VSphereEnv:
             "[plugins.vsphere]\n"
             f'serial_listen = "127.0.0.1:{self.serial_port}"\n'
             f'folder = "vicd-test-{self.port}"\n'
-            f'resource_pool = "vicd-test-{self.port}"\n')
+            f'resource_pool = "vicd-test-{self.port}"\n' + self.extra_toml)
         return cfg
 
     def vicd_args(self) -> list[str]:
@@ -114,7 +117,7 @@ class VSphereEnv:
                 "--vsphere-datastore", "LocalDS_0", "--vsphere-template", "vicd-template"]
 
     def vicd_env(self) -> dict[str, str]:
-        return {"VICD_VSPHERE_USER": USER, "VICD_VSPHERE_PASSWORD": PASSWORD}
+        return {"VICD_VSPHERE_USER": USER, "VICD_VSPHERE_PASSWORD": PASSWORD, **self.extra_env}
 
     def start_vicd(self) -> Vicd:
         assert self.vicd is not None
@@ -185,7 +188,10 @@ class Admin:
         assert task.info.state == "success", task.info.error
 
 
-def make_env(base: Path, vcsim_flags: list[str], busybox_tar: Path) -> VSphereEnv:
+def make_env(base: Path, vcsim_flags: list[str], busybox_tar: Path,
+             before_vicd: Callable[[VSphereEnv], None] | None = None) -> VSphereEnv:
+    """``before_vicd`` runs once the simulator and host emulation are up (a fake
+    NSX Manager pointed at the simulator, say)."""
     build_vcsim()
     env = VSphereEnv(base=base, port=free_port(), serial_port=free_port(),
                      vcsim_flags=vcsim_flags)
@@ -193,6 +199,8 @@ def make_env(base: Path, vcsim_flags: list[str], busybox_tar: Path) -> VSphereEn
     try:
         env.start_vcsim()
         env.start_hostemu()
+        if before_vicd is not None:
+            before_vicd(env)
         env.start_vicd()
         env.vicd.docker("import", str(busybox_tar), "busybox:latest")
     except BaseException:

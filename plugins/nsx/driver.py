@@ -216,7 +216,7 @@ class NsxDriver:
                 log.info("nsx: segment of network %s is gone; making it again", net.name)
                 self.create_network(net)
 
-    def dns_socket(self, network_id: str) -> None:
+    def dns_socket(self, network_id: str, gateway: str) -> None:
         # The daemon is not on the segment: containers there use the resolvers
         # of their egress NIC (docs/networking.md).
         return None

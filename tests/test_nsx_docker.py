@@ -1,0 +1,159 @@
+"""The stock docker CLI against ``vicd --backend vsphere`` with the ``nsx`` network
+driver: the fake NSX Manager over real HTTP, govmomi's simulator over real SOAP,
+the host emulation running the container VMs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pyVmomi import vim
+
+from nsx_fixture import NSX_PASSWORD, FakeNsx
+from vcsim_fixture import PASSWORD, VSphereEnv, make_env
+
+
+@pytest.fixture(scope="module")
+def nsxenv(guest_dir: Path, busybox_tar: Path, tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[tuple[VSphereEnv, FakeNsx]]:
+    base = tmp_path_factory.mktemp("nsxe2e")
+    fakes: list[FakeNsx] = []
+
+    def start_nsx(env: VSphereEnv) -> None:
+        nsx = FakeNsx(base, env.url)
+        fakes.append(nsx)
+        nsx.start()
+        env.extra_toml = nsx.toml()
+        env.extra_env = nsx.env()
+
+    env = make_env(base, [], busybox_tar, before_vicd=start_nsx)
+    try:
+        yield env, fakes[0]
+    finally:
+        env.close()
+        for f in fakes:
+            f.stop()
+
+
+def nics_of(env: VSphereEnv, name: str) -> dict[str, vim.vm.device.VirtualVmxnet3]:
+    """The container VM's vmxnet3 NICs by port group name (the NSX segments' NICs)."""
+    admin = env.admin()
+    vm = admin.vm(name)
+    out = {}
+    for d in vm.config.hardware.device:
+        if isinstance(d, vim.vm.device.VirtualVmxnet3):
+            pg = vim.dvs.DistributedVirtualPortgroup(d.backing.port.portgroupKey,
+                                                     admin.si._stub)
+            out[pg.name] = d
+    return out
+
+
+def segment_of(nsx: FakeNsx, net_id: str) -> dict:
+    return nsx.get(f"/infra/segments/vicd-{net_id}")
+
+
+def test_network_create_run_connect_disconnect_rm(nsxenv: tuple[VSphereEnv, FakeNsx]) -> None:
+    env, nsx = nsxenv
+    d = env.vicd
+    assert d is not None
+    net1 = d.docker("network", "create", "-d", "nsx", "--label", "a=b", "net1").stdout.strip()
+    net2 = d.docker("network", "create", "-d", "nsx", "--internal", "net2").stdout.strip()
+    info = json.loads(d.docker("network", "inspect", "net1").stdout)[0]
+    assert info["Driver"] == "nsx" and info["Labels"] == {"a": "b"}
+
+    seg1 = segment_of(nsx, net1)
+    assert ("a", "b") in {(t["scope"], t["tag"]) for t in seg1["tags"]}
+    subnet = info["IPAM"]["Config"][0]
+    assert seg1["subnets"][0]["network"] == subnet["Subnet"]
+    assert seg1["subnets"][0]["gateway_address"].split("/")[0] == subnet["Gateway"]
+    assert nsx.exists(f"/infra/domains/default/groups/vicd-{net1}")
+    rules2 = nsx.get(f"/infra/domains/default/security-policies/vicd-{net2}")["rules"]
+    assert "internal" in {r["id"] for r in rules2}
+    admin = env.admin()
+    pgs = {pg.name: pg for pg in admin.content.viewManager.CreateContainerView(
+        admin.content.rootFolder, [vim.dvs.DistributedVirtualPortgroup], True).view}
+    assert pgs[seg1["display_name"]].config.logicalSwitchUuid == seg1["unique_id"]
+
+    # docker run --network net1: a vNIC on net1's port group, an NSX port with its tags.
+    d.docker("run", "-d", "--name", "c1", "--network", "net1", "busybox", "sleep", "600")
+    c1 = d.inspect("c1")
+    ep1 = c1["NetworkSettings"]["Networks"]["net1"]
+    nics = nics_of(env, "c1")
+    assert set(nics) == {seg1["display_name"]}
+    assert nics[seg1["display_name"]].macAddress == ep1["MacAddress"]
+    port = nsx.get(f"/infra/segments/vicd-{net1}/ports/{ep1['EndpointID']}")
+    assert port["address_bindings"] == [{"ip_address": ep1["IPAddress"],
+                                         "mac_address": ep1["MacAddress"]}]
+    assert nics[seg1["display_name"]].externalId == port["attachment"]["id"]
+    assert ("vicd/container", c1["Id"]) in {(t["scope"], t["tag"]) for t in port["tags"]}
+    members = nsx.get(f"/infra/domains/default/groups/vicd-{net1}/members/segment-ports")
+    assert [m["path"] for m in members["results"]] == [port["path"]]
+
+    # Live connect and disconnect of the running container: vNICs hot-added and removed.
+    seg2 = segment_of(nsx, net2)
+    d.docker("network", "connect", "net2", "c1")
+    assert set(nics_of(env, "c1")) == {seg1["display_name"], seg2["display_name"]}
+    assert d.inspect("c1")["State"]["Running"]
+    d.docker("network", "disconnect", "net1", "c1")
+    assert set(nics_of(env, "c1")) == {seg2["display_name"]}
+    assert nsx.get(f"/infra/segments/vicd-{net1}/ports")["results"] == []
+    assert d.docker("exec", "c1", "echo", "still-here").stdout == "still-here\n"
+
+    # A network in use cannot go; once the container is gone, everything goes.
+    r = d.docker("network", "rm", "net2", check=False)
+    assert r.returncode != 0 and "has active endpoints" in r.stderr
+    d.docker("rm", "-f", "c1")
+    d.docker("network", "rm", "net1", "net2")
+    for net in (net1, net2):
+        for path in (f"/infra/segments/vicd-{net}", f"/infra/domains/default/groups/vicd-{net}",
+                     f"/infra/domains/default/security-policies/vicd-{net}"):
+            assert not nsx.exists(path), path
+    left = {pg.name for pg in admin.content.viewManager.CreateContainerView(
+        admin.content.rootFolder, [vim.dvs.DistributedVirtualPortgroup], True).view}
+    assert seg1["display_name"] not in left and seg2["display_name"] not in left
+
+
+def test_run_on_two_networks_at_start(nsxenv: tuple[VSphereEnv, FakeNsx]) -> None:
+    env, nsx = nsxenv
+    d = env.vicd
+    assert d is not None
+    a = d.docker("network", "create", "-d", "nsx", "na").stdout.strip()
+    b = d.docker("network", "create", "-d", "nsx", "nb").stdout.strip()
+    d.docker("create", "--name", "c2", "--network", "na", "busybox", "sleep", "600")
+    d.docker("network", "connect", "nb", "c2")  # before start: both NICs at start
+    d.docker("start", "c2")
+    assert set(nics_of(env, "c2")) == {segment_of(nsx, a)["display_name"],
+                                       segment_of(nsx, b)["display_name"]}
+    d.docker("stop", "-t", "1", "c2")
+    d.docker("network", "disconnect", "nb", "c2")
+    d.docker("start", "c2")  # the NIC of a network it left goes at the next start
+    assert set(nics_of(env, "c2")) == {segment_of(nsx, a)["display_name"]}
+    d.docker("rm", "-f", "c2")
+    d.docker("network", "rm", "na", "nb")
+
+
+def test_bad_input_and_secrets(nsxenv: tuple[VSphereEnv, FakeNsx]) -> None:
+    env, nsx = nsxenv
+    d = env.vicd
+    assert d is not None
+    r = d.docker("network", "create", "-d", "nsx", "-o", "nsx.bogus=1", "bad1", check=False)
+    assert r.returncode != 0 and "unknown driver options nsx.bogus" in r.stderr
+    assert "bad1" not in d.docker("network", "ls", "--format", "{{.Name}}").stdout.split()
+
+    info = d.docker("info").stdout + d.docker("info", "--format", "{{json .}}").stdout
+    assert NSX_PASSWORD not in info and PASSWORD not in info
+
+    # NSX Manager down: a clear error, and no network is left behind in vicd.
+    nsx.stop()
+    try:
+        r = d.docker("network", "create", "-d", "nsx", "down1", check=False)
+        assert r.returncode != 0
+        assert f"nsx: cannot reach NSX Manager {nsx.url}" in r.stderr, r.stderr
+        assert NSX_PASSWORD not in r.stderr
+        assert "down1" not in d.docker("network", "ls", "--format", "{{.Name}}").stdout.split()
+    finally:
+        nsx.start()  # same port; its state starts empty
+    log = d.log.read_text()
+    assert NSX_PASSWORD not in log and PASSWORD not in log

@@ -84,8 +84,8 @@ async def info(request: web.Request) -> web.Response:
             *[["Plugin", f"{p['name']} {p['version']}"] for p in plugins],
         ],
         "Plugins": {
-            "Volume": [],
-            "Network": ["none"],
+            "Volume": sorted(engine.volumes.drivers),
+            "Network": sorted({"bridge", "null", *engine.networks.drivers}),
             "Authorization": None,
             "Log": ["json-file"],
         },

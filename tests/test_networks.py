@@ -65,6 +65,12 @@ def test_create_inspect_ls_rm(vicd: Vicd):
     assert r.returncode == 1 and "network lsnet not found" in r.stderr
 
 
+def test_docker_info_lists_the_network_drivers(vicd: Vicd):
+    plugins = json.loads(vicd.docker("info", "--format", "{{json .Plugins}}").stdout)
+    assert {"bridge", "null"} <= set(plugins["Network"])
+    assert "local" in plugins["Volume"]
+
+
 def test_bad_input_gets_dockerds_errors(vicd: Vicd, net: str):
     r = vicd.docker("network", "create", net, check=False)
     assert f"network with name {net} already exists" in r.stderr

@@ -253,13 +253,16 @@ class ThrottledProxy:
     """Relays 127.0.0.1:port -> target at `rate` bytes/s (downstream; 0: no limit), so a
     download lasts long enough to be interrupted. kill_all() cuts every connection; with
     `cut_after`, the connection that carries the registry's cut_after-th byte (counted over
-    all connections) is cut once. `sent` holds everything the clients sent (request heads)."""
+    all connections; the clients' bytes with `cut_upstream`) is cut once. `sent` holds
+    everything the clients sent."""
 
-    def __init__(self, target_port: int, rate: int = 0, cut_after: int | None = None) -> None:
+    def __init__(self, target_port: int, rate: int = 0, cut_after: int | None = None,
+                 cut_upstream: bool = False) -> None:
         self.target_port = target_port
         self.rate = rate
         self.cut_after = cut_after
-        self.received = 0
+        self.cut_upstream = cut_upstream  # count (and cut on) what the clients send
+        self.bytes_counted = 0
         self.cuts = 0
         self.sent = bytearray()
         self.lock = threading.Lock()
@@ -303,23 +306,22 @@ class ThrottledProxy:
                 data = src.recv(16384)
                 if not data:
                     break
-                if not downstream:
-                    with self.lock:
-                        self.sent += data
-                    dst.sendall(data)
-                    continue
                 with self.lock:
-                    before = self.received
-                    self.received += len(data)
-                    cut = (self.cut_after is not None and self.cuts == 0
-                           and before < self.cut_after <= self.received)
+                    if not downstream:
+                        self.sent += data
+                    counted = downstream != self.cut_upstream
+                    before = self.bytes_counted
+                    if counted:
+                        self.bytes_counted += len(data)
+                    cut = (counted and self.cut_after is not None and self.cuts == 0
+                           and before < self.cut_after <= self.bytes_counted)
                     if cut:
                         self.cuts += 1
                 if cut:
                     dst.sendall(data[: self.cut_after - before])
                     break
                 dst.sendall(data)
-                if self.rate:
+                if downstream and self.rate:
                     time.sleep(len(data) / self.rate)
         except OSError:
             pass

@@ -5,6 +5,7 @@ access log shows which requests were made."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from conftest import Vicd, configured_vicd
 from registry_fixture import (
     OCILayout,
     Registry,
+    ThrottledProxy,
     lines,
     registries_available,
     registry,  # noqa: F401
@@ -115,3 +117,26 @@ def test_push_progress_stream(push_vicd: Vicd, registry: Registry) -> None:  # n
     assert [i["status"] for i in items if i.get("id") == pushing[0]["id"]][0] == "Preparing"
     assert items[-1]["aux"]["Tag"] == "1" and items[-1]["aux"]["Digest"].startswith("sha256:")
     push_vicd.docker("rmi", f"{ref}:1", "pushprogress:1")
+
+
+def test_broken_upload_is_retried(push_vicd: Vicd, registry: Registry) -> None:  # noqa: F811
+    """A connection cut (once, by a proxy) while a layer is sent: dockerd's countdown, then the
+    layer is uploaded again whole, and the registry then holds the image intact."""
+    layer = tar_bytes({"r.bin": os.urandom(1 << 20)})
+    image_id = push_vicd.docker("import", "-", "cutpush:1", input=layer).stdout.strip()
+    proxy = ThrottledProxy(registry.port, cut_after=600 << 10, cut_upstream=True)
+    ref = f"127.0.0.1:{proxy.port}/cutpush:1"
+    try:
+        push_vicd.docker("tag", "cutpush:1", ref)
+        out = lines(push_vicd.docker("push", ref).stdout)
+    finally:
+        proxy.close()
+    assert proxy.cuts == 1
+    short = hashlib.sha256(layer).hexdigest()[:12]
+    assert [x for x in out if "Retrying" in x] == [
+        f"{short}: Retrying in {n} second{'s' if n > 1 else ''}" for n in range(5, 0, -1)]
+    assert f"{short}: Pushed" in out and out[-1].startswith("1: digest: sha256:")
+    push_vicd.docker("rmi", ref, "cutpush:1")
+    push_vicd.docker("pull", f"{registry.host}/cutpush:1")
+    assert push_vicd.inspect(f"{registry.host}/cutpush:1")["Id"] == image_id
+    push_vicd.docker("rmi", f"{registry.host}/cutpush:1")

@@ -15,6 +15,7 @@ import asyncio
 import gzip
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -30,13 +31,18 @@ from vicd.registry import (
     DOCKER_LAYER,
     AuthConfig,
     RegistryClient,
+    RegistryError,
     TransferOptions,
     push_scope,
+    retry_countdown,
 )
+
+log = logging.getLogger(__name__)
 
 GZIP_LAYERS = (DOCKER_LAYER, "application/vnd.oci.image.layer.v1.tar+gzip")
 GZIP_LEVEL = 6
 MAX_MOUNT_ATTEMPTS = 3  # dockerd's maxMountAttempts
+MAX_UPLOAD_ATTEMPTS = 5  # dockerd's maxUploadAttempts
 MAX_EXISTENCE_CHECKS = 3
 READ_SIZE = 1 << 19
 
@@ -167,9 +173,19 @@ class Pusher:
         if sem.locked():  # dockerd's transfer manager says so for a layer queued for a slot
             emit(status("Waiting", short))
         async with sem:
-            desc = await self._reuse(diff_id, short, emit)
-            if desc is None:
-                desc = await self._upload(path, short, emit)
+            retries = 0
+            while True:  # dockerd's upload loop: 5 attempts, the same countdown as pulls
+                try:
+                    desc = await self._reuse(diff_id, short, emit)
+                    if desc is None:
+                        desc = await self._upload(path, short, emit)
+                    break
+                except RegistryError as e:
+                    retries += 1
+                    if not e.retryable or retries == MAX_UPLOAD_ATTEMPTS:
+                        raise
+                    log.info("upload of layer %s failed, retrying: %s", short, e.message)
+                await retry_countdown(emit, short, retries)
             await asyncio.to_thread(self.store.add_blobsum, diff_id,
                                     {**desc, "mediaType": DOCKER_LAYER, "repo": self.repo.name})
             return desc

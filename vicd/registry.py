@@ -62,7 +62,7 @@ INDEX_SERVER = "https://index.docker.io/v1/"
 MAX_MANIFEST_BYTES = 4 << 20  # dockerd's limit for manifests
 MAX_CONFIG_BYTES = 8 << 20
 CHUNK = 1 << 16
-RETRY_STEP = 5  # dockerd waits 5 s before the first retry of a download, 10 s before the 2nd...
+RETRY_STEP = 5  # dockerd waits 5 s before the first retry of a transfer, 10 s before the 2nd...
 USER_AGENT = "vicd (docker-compatible; registry client)"
 
 
@@ -288,6 +288,14 @@ async def _error_of(resp: aiohttp.ClientResponse) -> RegistryError:
         return APIError("UNAUTHORIZED", "authentication required", 401)
     return RegistryError(f"received unexpected HTTP status: {resp.status} {resp.reason or ''}"
                          .rstrip())  # fmt: skip
+
+
+async def retry_countdown(emit: Progress, id_: str, retries: int) -> None:
+    """dockerd's wait before retry number `retries` of a layer transfer: 5 s per retry so far,
+    counted down on the layer's line."""
+    for left in range(retries * RETRY_STEP, 0, -1):
+        emit(status(f"Retrying in {left} second{'s' if left != 1 else ''}", id_))
+        await asyncio.sleep(1)
 
 
 # ---------------------------------------------------------------- the client
@@ -817,9 +825,7 @@ class Puller:
                     raise
                 log.info("download of %s failed, retrying (%d/%d): %s", layer.digest, retries,
                          self.opts.max_download_attempts, e.message)
-            for left in range(retries * RETRY_STEP, 0, -1):
-                emit(status(f"Retrying in {left} second{'s' if left != 1 else ''}", layer.short))
-                await asyncio.sleep(1)
+            await retry_countdown(emit, layer.short, retries)
 
     async def _fetch(self, layer: _Layer, blob: _PartialBlob, emit: Progress) -> None:
         """One GET of the blob into `blob`, from where the last attempt stopped."""

@@ -28,7 +28,7 @@ import pytest
 
 from conftest import Vicd, configured_vicd
 from refdockerd import RefDockerd, dockerd  # noqa: F401
-from registry_fixture import Registry, registry  # noqa: F401
+from registry_fixture import OCILayout, Registry, registry, tar_bytes  # noqa: F401
 
 NET = ("--network", "none")
 _ID64 = re.compile(r"\b[0-9a-f]{64}\b")
@@ -494,3 +494,26 @@ def test_plain_http_only_for_loopback_or_configured(both: Both, tmp_path: Path,
         if allowed is not None:
             allowed.stop()
         reg.stop()
+
+
+def test_pulled_image_inspect_and_history(both: Both, registry: Registry,  # noqa: F811
+                                          busybox_tar: Path, tmp_path: Path):
+    """The same image pulled by both daemons: inspect's fields and `docker history` agree."""
+    oci = OCILayout(tmp_path / "oci")
+    extra = tar_bytes({"etc/extra.txt": b"extra\n"})
+    oci.tag(oci.image([busybox_tar.read_bytes(), extra], cmd=["cat", "/etc/extra.txt"]), "i")
+    registry.skopeo_copy(tmp_path / "oci", "i", "rc-inspect:1")
+    ref = f"{registry.host}/rc-inspect:1"
+    fields = ("{{.Id}} {{.RepoTags}} {{.RepoDigests}} {{.RootFS.Layers}} {{.Architecture}} "
+              "{{.Os}} {{.Size}} {{json .Config.Cmd}} {{json .Config.Env}} {{.Created}}")
+    try:
+        both.ok("pull", ref)
+        v, d = both.ok("image", "inspect", "--format", fields, ref)
+        assert v == d
+        v, d = both.ok("history", "--no-trunc", "--format",
+                       "{{.ID}} {{.CreatedBy}} {{.Size}} {{.Comment}}", ref)
+        assert len(d.splitlines()) == 2
+        assert v == d
+    finally:
+        for dd in (both.vicd, both.ref):
+            dd.docker("rmi", ref, check=False)

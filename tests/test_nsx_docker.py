@@ -157,3 +157,38 @@ def test_bad_input_and_secrets(nsxenv: tuple[VSphereEnv, FakeNsx]) -> None:
         nsx.start()  # same port; its state starts empty
     log = d.log.read_text()
     assert NSX_PASSWORD not in log and PASSWORD not in log
+
+
+def test_packets_flow_on_a_segment_and_not_across(nsxenv: tuple[VSphereEnv, FakeNsx]) -> None:
+    """The guest configures its vmxnet3 NIC (the host emulation bridges the port
+    group): containers on one NSX network reach each other, others do not."""
+    env, _ = nsxenv
+    d = env.vicd
+    assert d is not None
+    d.docker("network", "create", "-d", "nsx", "--subnet", "172.25.0.0/24", "pa")
+    d.docker("network", "create", "-d", "nsx", "--subnet", "172.26.0.0/24", "pb")
+    for name, net in (("p1", "pa"), ("p2", "pa"), ("p3", "pb")):
+        d.docker("run", "-d", "--name", name, "--network", net, "busybox", "sleep", "600")
+    ip1 = d.inspect("p1")["NetworkSettings"]["Networks"]["pa"]["IPAddress"]
+    ip2 = d.inspect("p2")["NetworkSettings"]["Networks"]["pa"]["IPAddress"]
+    mac2 = d.inspect("p2")["NetworkSettings"]["Networks"]["pa"]["MacAddress"]
+    shown = d.docker("exec", "p2", "ip", "-o", "addr").stdout
+    assert f"inet {ip2}/24" in shown
+    assert mac2 in d.docker("exec", "p2", "ip", "-o", "link").stdout
+
+    def ping(src: str, ip: str) -> bool:
+        return d.docker("exec", src, "ping", "-c", "1", "-W", "3", ip,
+                        check=False).returncode == 0
+
+    assert ping("p1", ip2)
+    assert not ping("p3", ip2)
+    # Live: p3 joins pa (a hot-added vNIC the guest configures), then leaves it.
+    d.docker("network", "connect", "pa", "p3")
+    ip3 = d.inspect("p3")["NetworkSettings"]["Networks"]["pa"]["IPAddress"]
+    assert f"inet {ip3}/24" in d.docker("exec", "p3", "ip", "-o", "addr").stdout
+    assert ping("p3", ip1)
+    d.docker("network", "disconnect", "pa", "p3")
+    assert ip3 not in d.docker("exec", "p3", "ip", "-o", "addr").stdout
+    assert not ping("p3", ip1)
+    d.docker("rm", "-f", "p1", "p2", "p3")
+    d.docker("network", "rm", "pa", "pb")

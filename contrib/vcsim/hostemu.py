@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from hostnet import HostSwitch
 from pyVmomi import vim
 
 from vicd.plugins.microvm.qemu import QemuProcess, VMFiles, build_cmdline
@@ -60,10 +62,14 @@ class HostEmu:
         self.booted_for: dict[str, str] = {}  # VM id -> the bootTime its microVM serves
         self.booted_disks: dict[str, tuple[str, ...]] = {}  # VM id -> its volume files
         self.view: FolderView | None = None
+        # vNICs on port groups (NSX segments): bridges and taps (root only).
+        self.switch = HostSwitch(work) if HostSwitch.usable() else None
 
     async def run(self) -> None:
         await asyncio.to_thread(self.client.connect)
         await asyncio.to_thread(self.watch.connect)
+        if self.switch is not None:
+            await asyncio.to_thread(self.switch.start)
         loop = asyncio.get_running_loop()
         # The whole inventory: container VMs may live in any daemon's folder.
         self.view = FolderView(self.watch, lambda c: c.content.rootFolder, loop, self._changed,
@@ -121,6 +127,9 @@ class HostEmu:
                 # A running microVM is never rebooted on a new bootTime otherwise:
                 # that is also what a resume from suspended looks like.
                 self.booted_for[moid] = boot_id
+                if self.switch is not None:
+                    self.switch.plumb(moid, st.raw.get("config.hardware.device") or [],
+                                      st.extra)
                 if moid in self.paused:
                     asyncio.ensure_future(self._qmp(moid, "cont"))
         elif st.power == "suspended":
@@ -195,9 +204,10 @@ class HostEmu:
         u = urlsplit(uri)
         mem = min(max(int(st.raw.get("config.hardware.memoryMB") or 256), 128), 2048)
         cpus = min(max(int(st.raw.get("config.hardware.numCPU") or 1), 1), 2)
+        taps = await asyncio.to_thread(self.switch.open_taps, moid) if self.switch else []
         argv = build_cmdline(files=files, kernel=self.guest_dir / "vmlinux",
                              initrd=self.guest_dir / "initrd.img", accel=self.accel,
-                             memory_mb=mem, cpus=cpus, disks=disks)
+                             memory_mb=mem, cpus=cpus, disks=disks, taps=taps)
         for i, a in enumerate(argv):
             if a.startswith("socket,id=ctl,"):
                 # ESXi's side of a URI-backed serial port, direction client.
@@ -207,15 +217,22 @@ class HostEmu:
         for sock in (files.ctl, files.qmp):
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()
-        q = QemuProcess.spawn(argv, files)
+        try:
+            q = QemuProcess.spawn(argv, files, pass_fds=tuple(taps))
+        finally:
+            for fd in taps:
+                os.close(fd)
         self.qemus[moid] = q
         self.booted_disks[moid] = _volume_files(st)
         self.booting.discard(moid)
         self.stopping.discard(moid)
         self.paused.discard(moid)
         log.info("hostemu: %s (%s) booted, pid %d, serial %s", moid, st.name, q.pid, uri)
+        self._reconcile(moid)  # vNICs the VM has already: on their bridges
         await q.wait()
         self.qemus.pop(moid, None)
+        if self.switch is not None:
+            self.switch.forget(moid)
         if moid in self.stopping:
             self.stopping.discard(moid)
             self._reconcile(moid)
@@ -255,6 +272,8 @@ class HostEmu:
     def kill_all(self) -> None:
         for q in self.qemus.values():
             q.kill()
+        if self.switch is not None:
+            self.switch.close()
 
 
 def _volume_files(st: VMState) -> tuple[str, ...]:

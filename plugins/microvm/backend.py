@@ -28,7 +28,7 @@ from vicd.config import Config
 from vicd.errors import InvalidParameter, VicdError
 from vicd.plugins.microvm import archive
 from vicd.plugins.microvm.binds import SharedFolder, SharedFolders
-from vicd.plugins.microvm.guest import TetherGuest, process_fields
+from vicd.plugins.microvm.guest import TetherGuest, process_fields, slot_iface
 from vicd.plugins.microvm.netns import (
     NetNS,
     NetNSError,
@@ -105,10 +105,10 @@ class MicroVM(TetherGuest):
         if self.netns is None:
             raise InvalidParameter("this VM has no NIC slots for networks")
         await asyncio.to_thread(plug_tap, self.netns, self.cid, nic)
-        await self.conn.request("net", interfaces=[_slot_iface(nic)], timeout=10)
+        await self.configure_nic(nic)
 
     async def disconnect_nic(self, slot: int) -> None:
-        await self.conn.request("net", interfaces=[{"slot": slot, "address": ""}], timeout=10)
+        await self.unconfigure_nic(slot)
         if self.netns is not None:
             await asyncio.to_thread(unplug_tap, self.netns, self.cid, slot)
 
@@ -674,15 +674,8 @@ def _guest_network(spec: VMSpec) -> dict[str, Any]:
         {"name": "eth0", "mac": n.get("mac", ""), "address": n.get("address", ""),
          "gateway": n.get("gateway", "")}
         for n in spec.nics[:1]
-    ] + [_slot_iface(n) for n in spec.nics[1:]]
+    ] + [slot_iface(n) for n in spec.nics[1:]]
     return {"interfaces": ifaces, "hosts": spec.hosts, "resolv": spec.resolv}
-
-
-def _slot_iface(nic: dict[str, Any]) -> dict[str, Any]:
-    """A NIC on a daemon network: the tether finds it by its slot; the default
-    route stays on eth0 (egress and published ports)."""
-    return {"name": "", "slot": nic["slot"], "mac": nic.get("mac", ""),
-            "address": nic.get("address", "")}
 
 
 def _guest_binds(shared: list[SharedFolder]) -> list[dict[str, Any]]:

@@ -29,10 +29,26 @@ def process_fields(spec: ProcessSpec) -> dict[str, Any]:
     }
 
 
+def slot_iface(nic: dict[str, Any]) -> dict[str, Any]:
+    """A NIC on a daemon network as the tether's run/net requests carry it: the
+    tether finds it by its slot (or its own MAC); the default route stays on
+    eth0 (egress and published ports)."""
+    return {"name": "", "slot": nic["slot"], "mac": nic.get("mac", ""),
+            "address": nic.get("address", "")}
+
+
 class TetherGuest:
     conn: TetherConnection
     main: TetherProcess
     next_chan: int = 2
+
+    async def configure_nic(self, nic: dict[str, Any]) -> None:
+        """The guest side of ``docker network connect``: MAC and address on the slot's NIC."""
+        await self.conn.request("net", interfaces=[slot_iface(nic)], timeout=10)
+
+    async def unconfigure_nic(self, slot: int) -> None:
+        """The guest side of ``docker network disconnect``: the slot's NIC down."""
+        await self.conn.request("net", interfaces=[{"slot": slot, "address": ""}], timeout=10)
 
     def process_ends(self) -> tuple[asyncio.Future[Any], ...]:
         """Futures that end every guest process too (the VM powered off)."""

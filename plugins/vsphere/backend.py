@@ -35,7 +35,7 @@ from pyVmomi import vim, vmodl
 from vicd.backend import OutputSink, StartError, VMSpec
 from vicd.config import Config
 from vicd.errors import InvalidParameter
-from vicd.plugins.microvm.guest import TetherGuest, process_fields
+from vicd.plugins.microvm.guest import TetherGuest, process_fields, slot_iface
 from vicd.plugins.microvm.tether import (
     TetherConnection,
     TetherError,
@@ -134,11 +134,18 @@ class VSphereVM(TetherGuest):
         await self.backend.power(self.moid, "on")
 
     async def connect_nic(self, nic: dict[str, Any]) -> None:
-        # vSphere hot-adds the vmxnet3 NIC; the guest configures it from its MAC.
-        await asyncio.to_thread(self.backend.nics.apply, self.backend._vm(self.moid), [nic],
-                                set())
+        # vSphere hot-adds the vmxnet3 NIC; the tether finds it by its MAC.
+        vm = self.backend._vm(self.moid)
+        await asyncio.to_thread(self.backend.nics.apply, vm, [nic], set())
+        try:
+            await self.configure_nic(nic)
+        except BaseException:
+            await asyncio.to_thread(self.backend.nics.apply, vm, [], {int(nic["slot"])})
+            raise
 
     async def disconnect_nic(self, slot: int) -> None:
+        with contextlib.suppress(TetherError):  # the NIC goes all the same
+            await self.unconfigure_nic(slot)
         await asyncio.to_thread(self.backend.nics.apply, self.backend._vm(self.moid), [],
                                 {slot})
 
@@ -614,9 +621,10 @@ class VSphereBackend:
         channel = arrival.attach(sink)
         config = {"root": "/dev/vda", "fstype": "ext4", "hostname": spec.hostname,
                   "time_ns": time.time_ns(), "seed": base64.b64encode(os.urandom(64)).decode(),
-                  # The VM's NIC is the port group's (vSphere's network, not vicd's
-                  # slirp): the guest gets the container's /etc/hosts and resolv.conf.
-                  "network": {"interfaces": [], "hosts": getattr(spec, "hosts", ""),
+                  # The first NIC is the port group's (vSphere's network, not vicd's
+                  # slirp); NICs on driver networks (nsx) get their endpoint's address.
+                  "network": {"interfaces": [slot_iface(n) for n in spec.nics[1:]],
+                              "hosts": getattr(spec, "hosts", ""),
                               "resolv": getattr(spec, "resolv", "")},
                   "mounts": guest_mounts(spec.disks) + [
                       {"device": "tmpfs", "fstype": "tmpfs", "target": target, "options": opts}

@@ -106,9 +106,12 @@ var (
 
 // slotName finds a slot's interface by the MAC its device booted with
 // (02:42:00:00:01:<slot>): the first lookup happens before any MAC is
-// changed, and the map outlives template snapshots (same process).
-func slotName(slot int) (string, error) {
+// changed, and the map outlives template snapshots (same process). On
+// vSphere a slot's vNIC has the endpoint's MAC (own) from the start, and a
+// hot-added one appears a moment after the request: either MAC will do.
+func slotName(slot int, own string) (string, error) {
 	want := fmt.Sprintf("02:42:00:00:01:%02x", slot)
+	own = strings.ToLower(own)
 	deadline := time.Now().Add(3 * time.Second)
 	for {
 		slotOnce.Do(func() { slotNames = map[string]string{} })
@@ -125,6 +128,9 @@ func slotName(slot int) (string, error) {
 			if _, seen := slotNames[mac]; !seen && strings.HasPrefix(mac, "02:42:00:00:01:") {
 				slotNames[mac] = e.Name()
 			}
+			if own != "" && mac == own && !isSlotName(e.Name()) {
+				return e.Name(), nil
+			}
 		}
 		if name, ok := slotNames[want]; ok {
 			return name, nil
@@ -136,9 +142,20 @@ func slotName(slot int) (string, error) {
 	}
 }
 
+// isSlotName: the interface is a microvm slot's (known by its boot MAC), so
+// its current MAC says nothing about which slot it is.
+func isSlotName(name string) bool {
+	for _, n := range slotNames {
+		if n == name {
+			return true
+		}
+	}
+	return false
+}
+
 func configureNIC(fd int, nic netIface) error {
 	if nic.Name == "" {
-		name, err := slotName(nic.Slot)
+		name, err := slotName(nic.Slot, nic.MAC)
 		if err != nil {
 			return err
 		}

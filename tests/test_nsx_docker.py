@@ -192,3 +192,67 @@ def test_packets_flow_on_a_segment_and_not_across(nsxenv: tuple[VSphereEnv, Fake
     assert not ping("p3", ip1)
     d.docker("rm", "-f", "p1", "p2", "p3")
     d.docker("network", "rm", "pa", "pb")
+
+
+def nsx_requests(nsx: FakeNsx) -> int:
+    """Requests the fake NSX Manager answered so far (it logs one line each)."""
+    return sum(1 for line in (nsx.base / "nsxfake.log").read_text().splitlines()
+               if " /policy/api/v1/" in line and " -> " in line)
+
+
+def test_round_trips_per_operation(nsxenv: tuple[VSphereEnv, FakeNsx]) -> None:
+    """NSX requests and SOAP round trips per docker operation on an nsx network."""
+    env, nsx = nsxenv
+    d = env.vicd
+    assert d is not None
+    n0 = nsx_requests(nsx)
+    d.docker("network", "create", "-d", "nsx", "rt")
+    n_create = nsx_requests(nsx) - n0
+    d.docker("create", "--name", "rt1", "--network", "rt", "busybox", "sleep", "600")
+    d.docker("create", "--name", "rt0", "busybox", "sleep", "600")
+    s0, n0 = env.soap_calls(), nsx_requests(nsx)
+    d.docker("start", "rt1")
+    s_start, n_start = env.soap_calls() - s0, nsx_requests(nsx) - n0
+    s0 = env.soap_calls()
+    d.docker("start", "rt0")
+    s_plain = env.soap_calls() - s0
+    d.docker("network", "create", "-d", "nsx", "rt2")
+    s0, n0 = env.soap_calls(), nsx_requests(nsx)
+    d.docker("network", "connect", "rt2", "rt1")
+    s_connect, n_connect = env.soap_calls() - s0, nsx_requests(nsx) - n0
+    s0, n0 = env.soap_calls(), nsx_requests(nsx)
+    d.docker("network", "disconnect", "rt2", "rt1")
+    s_disconnect, n_disconnect = env.soap_calls() - s0, nsx_requests(nsx) - n0
+    d.docker("rm", "-f", "rt0", "rt1")
+    n0 = nsx_requests(nsx)
+    d.docker("network", "rm", "rt")
+    n_rm = nsx_requests(nsx) - n0
+    d.docker("network", "rm", "rt2")
+    print(f"\nnsx requests: network create {n_create}, start on it {n_start}, connect "
+          f"{n_connect}, disconnect {n_disconnect}, network rm {n_rm}\n"
+          f"soap round trips: start with one nsx NIC {s_start} (without: {s_plain}), "
+          f"connect {s_connect}, disconnect {s_disconnect}")
+    # Transport zone, segment, group, policy, segment read back; a port and its tags.
+    assert n_create == 5 and n_start == 2 and n_connect == 2
+    assert n_disconnect == 2 and n_rm == 4  # port tags and delete; ports, policy, group, segment
+    # The NIC: one property read, one reconfigure (+ task polls), the port group lookup.
+    assert s_start - s_plain <= 12 and s_connect <= 12 and s_disconnect <= 8
+
+
+def test_networks_come_back_after_an_nsx_admin_deleted_them(
+        nsxenv: tuple[VSphereEnv, FakeNsx]) -> None:
+    """A daemon start makes every stored nsx network real again (restore)."""
+    env, nsx = nsxenv
+    d = env.vicd
+    assert d is not None
+    net = d.docker("network", "create", "-d", "nsx", "--label", "keep=1", "keep").stdout.strip()
+    for path in (f"/infra/domains/default/security-policies/vicd-{net}",
+                 f"/infra/domains/default/groups/vicd-{net}", f"/infra/segments/vicd-{net}"):
+        assert nsx.api("DELETE", path)[0] == 200  # an NSX administrator at work
+    d.stop()
+    env.start_vicd()
+    seg = segment_of(nsx, net)
+    assert ("keep", "1") in {(t["scope"], t["tag"]) for t in seg["tags"]}
+    assert nsx.exists(f"/infra/domains/default/security-policies/vicd-{net}")
+    d.docker("network", "rm", "keep")
+    assert not nsx.exists(f"/infra/segments/vicd-{net}")

@@ -32,20 +32,25 @@ class FakeNsx:
     vcenter_url: str
     port: int = 0
     proc: Proc | None = None
+    extra_args: tuple[str, ...] = ()  # --tls-cert/--tls-key, --throttle
+    name: str = "nsxfake"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if "--tls-cert" in self.extra_args else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         self.port = self.port or free_port()
-        port_file = self.base / "nsxfake.port"
+        port_file = self.base / f"{self.name}.port"
         port_file.unlink(missing_ok=True)
+        vcenter = ["--vcenter", self.vcenter_url, "--datacenter", "DC0"] \
+            if self.vcenter_url else []
         self.proc = Proc([sys.executable, str(REPO / "contrib/nsxfake/nsxfake.py"),
                           "--listen", f"127.0.0.1:{self.port}", "--port-file", str(port_file),
-                          "--user", NSX_USER, "--password-env", "NSXFAKE_PASSWORD",
-                          "--vcenter", self.vcenter_url, "--datacenter", "DC0",
-                          "--transport-zone", f"{TZ_ID}=DVS0"], self.base / "nsxfake.log")
+                          "--user", NSX_USER, "--password-env", "NSXFAKE_PASSWORD", *vcenter,
+                          "--transport-zone", f"{TZ_ID}=DVS0", *self.extra_args],
+                         self.base / f"{self.name}.log")
         self.proc.start(env={"PYTHONPATH": str(REPO), "NSXFAKE_PASSWORD": NSX_PASSWORD})
         deadline = time.time() + 30
         while not port_file.exists():
@@ -59,7 +64,7 @@ class FakeNsx:
 
     def log(self) -> str:
         try:
-            return (self.base / "nsxfake.log").read_text()[-3000:]
+            return (self.base / f"{self.name}.log").read_text()[-3000:]
         except OSError:
             return ""
 

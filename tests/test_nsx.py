@@ -5,6 +5,7 @@ group NSX realizes in vCenter, and container VMs' vNICs on it."""
 from __future__ import annotations
 
 import secrets
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -272,3 +273,30 @@ def test_settings_refuse_credentials_in_the_table(monkeypatch: pytest.MonkeyPatc
     assert (s.user, s.password) == ("ops", "pa:ss")
     assert "pa:ss" not in repr(s) and s.safe_url == "https://nsx.example.com"
     assert s.transport_zone == TZ_PATH.replace("vicd-overlay-tz", "tz")
+
+
+def test_tls_and_rate_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTPS as NSX Manager serves it (ca_file, or insecure), and its 429 answers retried."""
+    cert, key = tmp_path / "nsx.pem", tmp_path / "nsx.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    nsx = FakeNsx(tmp_path, "", name="tlsfake",
+                  extra_args=("--tls-cert", str(cert), "--tls-key", str(key), "--throttle", "3"))
+    nsx.start()
+    try:
+        monkeypatch.setenv("VICD_NSX_USER", NSX_USER)
+        monkeypatch.setenv("VICD_NSX_PASSWORD", NSX_PASSWORD)
+        cfg = nsx.config()
+        assert cfg["url"].startswith("https://")
+        with pytest.raises(NsxError, match="nsx: TLS to NSX Manager https://127.0.0.1:.* "
+                                           "failed: CERTIFICATE_VERIFY_FAILED"):
+            NsxDriver(NsxSettings.from_config(cfg)).create_network(network("t"))
+        for extra in ({"ca_file": str(cert)}, {"insecure": True}):
+            drv = NsxDriver(NsxSettings.from_config({**cfg, **extra}))
+            net = network("t")
+            drv.create_network(net)  # every third request is refused (429) and retried
+            drv.delete_network(net.id)
+        assert "-> 429 (rate limit)" in nsx.log()
+    finally:
+        nsx.stop()

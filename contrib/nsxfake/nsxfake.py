@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,8 +51,11 @@ API = "/policy/api/v1"
 
 
 class FakeNsxManager:
-    def __init__(self, user: str, password: str, realizer: Any = None) -> None:
+    def __init__(self, user: str, password: str, realizer: Any = None,
+                 throttle: int = 0) -> None:
         self.user, self.password = user, password
+        # Every Nth request is refused with 429, as NSX's per-client rate limit does.
+        self.throttle = throttle
         self.store = PolicyStore(user=user)
         self.realizer = realizer
         self.tz_switch: dict[str, str] = {}  # transport zone path -> the VDS it spans
@@ -85,6 +89,12 @@ class FakeNsxManager:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Any) -> web.StreamResponse:
         self.requests += 1
+        if self.throttle and self.requests % self.throttle == 0:
+            log.info("%s %s -> 429 (rate limit)", request.method, request.path)
+            return web.json_response(
+                {"httpStatus": "TOO_MANY_REQUESTS", "error_code": 102, "module_name": "common-"
+                 "services", "error_message": f"Client '{self.user}' exceeded request rate of "
+                 "100 per second"}, status=429, headers={"Retry-After": "0"})
         if not self._authorized(request.headers.get("Authorization", "")):
             return web.json_response(
                 {"module_name": "common-services", "error_code": 403,
@@ -256,17 +266,21 @@ async def serve(args: argparse.Namespace) -> None:
         settings._load_credentials()
         realizer = Realizer(VimClient(settings, "nsxfake"), args.datacenter)
         await asyncio.to_thread(realizer.connect)
-    mgr = FakeNsxManager(args.user, password, realizer)
+    mgr = FakeNsxManager(args.user, password, realizer, args.throttle)
     for spec in args.transport_zone or ["vicd-overlay-tz=DVS0"]:
         tz_id, _, dvs = spec.partition("=")
         mgr.add_transport_zone(tz_id, dvs)
     runner = web.AppRunner(mgr.app(), access_log=None)
     await runner.setup()
     host, _, port = args.listen.rpartition(":")
-    site = web.TCPSite(runner, host or "127.0.0.1", int(port or 0))
+    tls = None
+    if args.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+    site = web.TCPSite(runner, host or "127.0.0.1", int(port or 0), ssl_context=tls)
     await site.start()
     bound = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    log.info("fake NSX Manager on http://%s:%d%s", host, bound, API)
+    log.info("fake NSX Manager on %s://%s:%d%s", "https" if tls else "http", host, bound, API)
     if args.port_file:
         tmp = Path(args.port_file + ".tmp")
         tmp.write_text(f"{bound}\n")
@@ -289,6 +303,10 @@ def main() -> None:
     p.add_argument("--vcenter", help="realize segments as port groups in this vCenter (SDK URL "
                                      "with credentials)")
     p.add_argument("--datacenter", default="DC0")
+    p.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM) ...")
+    p.add_argument("--tls-key", help="... and key")
+    p.add_argument("--throttle", type=int, default=0,
+                   help="answer every Nth request with 429 (NSX's rate limit)")
     p.add_argument("--transport-zone", action="append",
                    help="ID=DVS: a transport zone and the distributed switch it spans "
                         "(default vicd-overlay-tz=DVS0)")

@@ -13,6 +13,7 @@ import base64
 import json
 import logging
 import ssl
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -22,6 +23,7 @@ from vicd.plugins.nsx.settings import NsxSettings
 
 log = logging.getLogger(__name__)
 API = "/policy/api/v1"
+RETRIES = 5
 
 
 class NsxError(VicdError):
@@ -58,6 +60,19 @@ class PolicyClient:
 
     def request(self, method: str, path: str, body: dict[str, Any] | None = None
                 ) -> dict[str, Any]:
+        """One request; NSX's "too many requests" (429) and "busy" (503) answers are
+        retried after Retry-After (or a short backoff), as NSX asks clients to."""
+        for attempt in range(RETRIES):
+            try:
+                return self._request(method, path, body)
+            except _Busy as e:
+                if attempt == RETRIES - 1:
+                    raise e.error from None
+                time.sleep(e.retry_after if e.retry_after is not None
+                           else min(0.2 * 2 ** attempt, 2.0))
+        raise AssertionError("unreachable")
+
+    def _request(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
         url = self.settings.url.rstrip("/") + API + path
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(url, data=data, method=method, headers={
@@ -79,8 +94,11 @@ class PolicyClient:
                                f"{self.settings.user!r}", e.code) from None
             msg = err.get("error_message") or e.reason
             code = int(err.get("error_code") or 0)
-            raise NsxError(f"nsx: {msg} ({where}, {method} {API}{path}: HTTP {e.code}"
-                           f"{f', error {code}' if code else ''})", e.code, code) from None
+            error = NsxError(f"nsx: {msg} ({where}, {method} {API}{path}: HTTP {e.code}"
+                             f"{f', error {code}' if code else ''})", e.code, code)
+            if e.code in (429, 503):
+                raise _Busy(error, _retry_after(e.headers.get("Retry-After"))) from None
+            raise error from None
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             reason = getattr(e, "reason", e)
             if isinstance(reason, ssl.SSLError):
@@ -88,6 +106,18 @@ class PolicyClient:
                                "true or ca_file in [plugins.nsx])") from None
             raise NsxError(f"nsx: cannot reach {where}: "
                            f"{getattr(reason, 'strerror', None) or reason}") from None
+
+
+class _Busy(Exception):
+    def __init__(self, error: NsxError, retry_after: float | None) -> None:
+        self.error, self.retry_after = error, retry_after
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return min(max(float(value or ""), 0.0), 10.0)
+    except ValueError:
+        return None
 
 
 def _error_body(e: urllib.error.HTTPError) -> dict[str, Any]:

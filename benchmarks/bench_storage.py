@@ -22,7 +22,6 @@ removed at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 from common import (
+    BUSYBOX_TIME_RE,
     DOCKER_CLI,
     Daemon,
     DockerdDaemon,
@@ -45,12 +45,11 @@ from common import (
     reference_missing,
     running,
     workdir,
+    write_json,
 )
 
 VOLUME = "benchvol"
-# Debian's busybox dd prints only "N+0 records in/out", so busybox's `time` applet times it
-# (10 ms resolution): -f "%e" prints the elapsed seconds on a line of its own.
-TIME_RE = re.compile(rb"^([0-9]+\.[0-9]+)$", re.M)
+# Debian's busybox dd prints only "N+0 records in/out", so busybox's `time` applet times it.
 REC_RE = re.compile(rb"^(\d+)\+(\d+) records out$", re.M)
 PLACES = ("volume", "bind")
 
@@ -66,7 +65,7 @@ def dd(d: Daemon, spec: str, *args: str) -> tuple[float, float]:
     t0 = time.perf_counter()
     r = d.docker("run", "--rm", *d.net, "-v", spec, "busybox", "time", "-f", "%e", "dd", *args)
     wall = time.perf_counter() - t0
-    t, rec = TIME_RE.search(r.stderr), REC_RE.search(r.stderr)
+    t, rec = BUSYBOX_TIME_RE.search(r.stderr), REC_RE.search(r.stderr)
     if not t or not rec or rec[2] != b"0":
         raise RuntimeError(f"[{d.name}] no dd/time summary in {r.stderr!r}")
     return int(rec[1]) / max(float(t[1]), 0.01), wall  # whole 1 MiB records
@@ -120,8 +119,7 @@ def main() -> int:
             finally:
                 for d in daemons:
                     d.docker("volume", "rm", "-f", VOLUME, check=False)
-            log = vicd.log.read_text(errors="replace")
-            accel = m[1] if (m := re.search(r"accelerator (\w+)", log)) else "?"
+            accel = vicd.accelerator()
 
     names = [d.name for d in daemons]
     rows: list[Row] = []
@@ -140,8 +138,7 @@ def main() -> int:
           f"conv=fsync; host page cache dropped before each write and read; volume: "
           f"-v {VOLUME}:/d, bind: -v /tmp/...:/d; vicd accelerator: {accel}; "
           f"dockerd: --network none)")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"samples": samples, "args": vars(a)}, indent=1))
+    write_json(a, samples=samples)
     return 0
 
 

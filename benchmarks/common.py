@@ -1,8 +1,8 @@
 """What the benchmarks share: the daemons (vicd, the reference dockerd), interleaved rounds,
 the result table, set-up (guest build, busybox rootfs) and clean-up, per-process memory.
 
-Used by ``bench.py``, ``bench_faststart.py``, ``bench_pull.py`` and ``bench_storage.py`` (run
-as scripts: this directory is on ``sys.path`` then).
+Used by ``bench.py``, ``bench_faststart.py``, ``bench_pull.py``, ``bench_storage.py`` and
+``bench_network.py`` (run as scripts: this directory is on ``sys.path`` then).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,13 +28,17 @@ sys.path.insert(0, str(REPO / "tests"))
 from refdockerd import DOCKER_CLI, RefDockerd, dockerd_available  # noqa: E402
 from vicd.testing import kill_vms, qemu_pids, stop_process, wait_for_ping  # noqa: E402
 
-__all__ = ["DOCKER_CLI", "GUEST_DIR", "NET", "REPO", "Daemon", "DockerdDaemon", "VicdDaemon",
+__all__ = ["BUSYBOX_TIME_RE", "DOCKER_CLI", "GUEST_DIR", "NET", "REPO", "Daemon", "DockerdDaemon",
+           "VicdDaemon",
            "add_shared_args", "busybox_rootfs", "build_guest", "dockerd_available", "fmt_mb",
            "fmt_s", "http_unix", "reference_missing",
-           "interleave", "print_table", "Row", "running", "smaps_rollup", "workdir"]
+           "interleave", "print_table", "Row", "running", "smaps_rollup", "workdir", "write_json"]
 
 GUEST_DIR = Path(os.environ.get("VICD_GUEST_DIR", REPO / ".cache" / "guest"))
 NET = ("--network", "none")
+# busybox's `time -f %e CMD` prints CMD's elapsed seconds (10 ms resolution) on a line of its
+# own on stderr: how a benchmark times a command inside a container.
+BUSYBOX_TIME_RE = re.compile(rb"^([0-9]+\.[0-9]+)$", re.M)
 
 
 def http_unix(sock: Path, method: str, path: str, body: dict | None = None
@@ -65,6 +70,8 @@ class Daemon:
     sock: Path
     # What `run`/`create` need on this daemon (the reference dockerd has no bridge).
     net: tuple[str, ...] = ()
+    # The network namespace its published ports listen in (None: the host's own).
+    netns: str | None = None
 
     @property
     def host(self) -> str:
@@ -93,6 +100,10 @@ class Daemon:
         self.docker(*args)
         return time.perf_counter() - t0
 
+    def on_host(self, *cmd: str) -> list[str]:
+        """cmd as a host client of this daemon runs it: in the daemon's network namespace."""
+        return ["ip", "netns", "exec", self.netns, *cmd] if self.netns else list(cmd)
+
 
 class VicdDaemon(Daemon):
     """A vicd of our own in ``base`` (removed at stop, with every QEMU it started)."""
@@ -117,6 +128,11 @@ class VicdDaemon(Daemon):
                                      cwd=REPO)
         wait_for_ping(self.proc, self.sock, self.log, self.name)
 
+    def accelerator(self) -> str:
+        """The accelerator vicd chose (kvm, tcg), from its log; '?' if not logged yet."""
+        m = re.search(r"accelerator (\w+)", self.log.read_text(errors="replace"))
+        return m[1] if m else "?"
+
     def qemu_pids(self) -> dict[str, int]:
         """VM directory name (a container id prefix) -> QEMU pid, from the pid files."""
         return qemu_pids(self.data_root)
@@ -128,20 +144,31 @@ class VicdDaemon(Daemon):
 
 
 class DockerdDaemon(Daemon):
-    """The reference dockerd 20.10 (``tests/refdockerd.py``): no bridge, ``--network none``."""
+    """The reference dockerd 20.10 (``tests/refdockerd.py``): no bridge, ``--network none``.
+
+    ``bridged=True``: dockerd with its real networking (default bridge, iptables, docker-proxy)
+    in a network namespace of its own, ``rdnet-<pid>``, made at start and removed at stop, so
+    nothing changes on the host's interfaces; ``on_host`` runs a client there.
+    """
 
     name = "dockerd"
-    net = NET
 
-    def __init__(self) -> None:
-        self.ref = RefDockerd()
+    def __init__(self, bridged: bool = False) -> None:
+        self.netns = f"rdnet-{os.getpid()}" if bridged else None
+        self.net = () if bridged else NET
+        self.ref = RefDockerd(netns=self.netns)
         self.sock = self.ref.sock
 
     def start(self) -> None:
+        if self.netns:
+            subprocess.run(["ip", "netns", "add", self.netns], check=True)
+            subprocess.run(["ip", "-n", self.netns, "link", "set", "lo", "up"], check=True)
         self.ref.start()
 
     def stop(self) -> None:
         self.ref.stop()
+        if self.netns:  # its bridges, veths and iptables rules go with it
+            subprocess.run(["ip", "netns", "del", self.netns], capture_output=True)
 
 
 # --- set-up and clean-up -----------------------------------------------------------------------
@@ -152,6 +179,12 @@ def add_shared_args(ap: argparse.ArgumentParser,
     """The options every benchmark takes: extra vicd flags and a raw-samples file."""
     ap.add_argument("--vicd-arg", action="append", default=[], metavar="ARG", help=vicd_help)
     ap.add_argument("--json", metavar="FILE", help="also write the raw samples here")
+
+
+def write_json(a: argparse.Namespace, **samples: object) -> None:
+    """The raw samples and the options to ``--json FILE`` (``add_shared_args``), if asked for."""
+    if a.json:
+        Path(a.json).write_text(json.dumps({**samples, "args": vars(a)}, indent=1))
 
 
 def reference_missing() -> bool:

@@ -6,6 +6,9 @@ Test modules use it with ``from refdockerd import dockerd  # noqa: F401``. The c
 
 dockerd here runs with ``--iptables=false --bridge=none``: there is no default bridge, so every
 container must be created with ``--network none`` (``RefDockerd.NET`` is those two arguments).
+``RefDockerd(netns=NAME)`` instead runs it with its real networking (default bridge, iptables,
+userland proxy) inside the existing network namespace ``NAME`` (``benchmarks/bench_network.py``),
+so its bridges and rules never touch the host's own interfaces.
 """
 
 from __future__ import annotations
@@ -35,9 +38,10 @@ class RefDockerd:
 
     NET = ("--network", "none")
 
-    def __init__(self, base: Path | None = None) -> None:
+    def __init__(self, base: Path | None = None, netns: str | None = None) -> None:
         # AF_UNIX paths are limited to 108 bytes and containerd puts sockets under exec-root.
         self.dir = base or Path(tempfile.mkdtemp(prefix="rd", dir="/tmp"))
+        self.netns = netns
         self.sock = self.dir / "docker.sock"
         self.log = self.dir / "dockerd.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -49,8 +53,13 @@ class RefDockerd:
     def start(self, timeout: float = 60) -> None:
         d = self.dir
         cmd = [DOCKERD, "--host", self.host, "--data-root", str(d / "data"),
-               "--exec-root", str(d / "exec"), "--iptables=false", "--bridge=none",
-               "--pidfile", str(d / "pid")]
+               "--exec-root", str(d / "exec"), "--pidfile", str(d / "pid")]
+        if self.netns:
+            # nsenter, not `ip netns exec`: that one remounts /sys, hiding the cgroup mounts
+            # dockerd needs ("Devices cgroup isn't mounted"); nsenter changes only the netns.
+            cmd = ["nsenter", f"--net=/run/netns/{self.netns}", *cmd]
+        else:
+            cmd += ["--iptables=false", "--bridge=none"]
         logf = open(self.log, "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdout=logf, stderr=logf, start_new_session=True)
         try:

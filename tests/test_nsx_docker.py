@@ -145,7 +145,10 @@ def test_bad_input_and_secrets(nsxenv: tuple[VSphereEnv, FakeNsx]) -> None:
     info = d.docker("info").stdout + d.docker("info", "--format", "{{json .}}").stdout
     assert NSX_PASSWORD not in info and PASSWORD not in info
 
-    # NSX Manager down: a clear error, and no network is left behind in vicd.
+    # NSX Manager down: clear errors; no network is left behind in vicd, and a
+    # container on an nsx network does not start.
+    d.docker("network", "create", "-d", "nsx", "up1")
+    d.docker("create", "--name", "cdown", "--network", "up1", "busybox", "true")
     nsx.stop()
     try:
         r = d.docker("network", "create", "-d", "nsx", "down1", check=False)
@@ -153,8 +156,14 @@ def test_bad_input_and_secrets(nsxenv: tuple[VSphereEnv, FakeNsx]) -> None:
         assert f"nsx: cannot reach NSX Manager {nsx.url}" in r.stderr, r.stderr
         assert NSX_PASSWORD not in r.stderr
         assert "down1" not in d.docker("network", "ls", "--format", "{{.Name}}").stdout.split()
+        r = d.docker("start", "cdown", check=False)
+        assert r.returncode != 0 and "nsx: cannot reach NSX Manager" in r.stderr, r.stderr
+        assert not d.inspect("cdown")["State"]["Running"]
+        assert not nics_of(env, "cdown")
     finally:
         nsx.start()  # same port; its state starts empty
+    d.docker("rm", "cdown")
+    d.docker("network", "rm", "up1")
     log = d.log.read_text()
     assert NSX_PASSWORD not in log and PASSWORD not in log
 

@@ -60,7 +60,8 @@ class NicPlugger:
         self.client = client
         self.realize_timeout = realize_timeout
         self._cache: dict[str, tuple[PortGroup, int]] = {}  # backing id -> (pg, generation)
-        self._lock = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}  # VM id -> its NIC changes, one at a time
+        self._locks_lock = threading.Lock()
 
     # --- port groups ----------------------------------------------------------------------
 
@@ -181,7 +182,9 @@ class NicPlugger:
     def apply(self, vm: Any, add: list[dict[str, Any]], remove: set[int],
               sync: bool = False) -> None:
         """Reconfigure ``vm``: with ``sync``, the recorded NICs not in ``add`` go too."""
-        with self._lock:  # one NIC change per daemon at a time keeps slots consistent
+        with self._locks_lock:
+            lock = self._locks.setdefault(vm._moId, threading.Lock())
+        with lock:  # a VM's NIC changes one at a time keep its slots consistent
             props = self.client.props(vm, ["config.hardware.device", "config.extraConfig"])
             devices = props.get("config.hardware.device") or []
             extra = {o.key: str(o.value) for o in props.get("config.extraConfig") or []}

@@ -19,7 +19,7 @@ from vicd.network_driver import NetworkInfo
 from vicd.plugins.nsx.client import NsxError
 from vicd.plugins.nsx.driver import NsxDriver
 from vicd.plugins.nsx.settings import NsxSettings
-from vicd.plugins.vsphere.client import VimClient
+from vicd.plugins.vsphere.client import VimClient, VSphereError
 from vicd.plugins.vsphere.nics import NicPlugger
 from vicd.plugins.vsphere.settings import VSphereSettings
 
@@ -300,3 +300,38 @@ def test_tls_and_rate_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
         assert "-> 429 (rate limit)" in nsx.log()
     finally:
         nsx.stop()
+
+
+def test_nics_wait_for_nsx_to_realize_the_segment(sim: tuple[VSphereEnv, FakeNsx],
+                                                  tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """NSX realizes a segment in vCenter after accepting it: the backend waits for
+    its port group."""
+    env, _ = sim
+    slow = FakeNsx(tmp_path, env.url, name="slowfake", extra_args=("--realize-delay", "2"))
+    slow.start()
+    try:
+        monkeypatch.setenv("VICD_NSX_USER", NSX_USER)
+        monkeypatch.setenv("VICD_NSX_PASSWORD", NSX_PASSWORD)
+        drv = NsxDriver(NsxSettings.from_config(slow.config()))
+        net = network("slow", subnet="172.27.0.0/24", gateway="172.27.0.1")
+        drv.create_network(net)
+        ep = secrets.token_hex(32)
+        drv.create_endpoint(net.id, ep, "172.27.0.2/24", "02:42:ac:1b:00:02", {})
+        backing = drv.join(net.id, ep, secrets.token_hex(32))
+        settings = VSphereSettings(url=env.url)
+        settings._load_credentials()
+        client = VimClient(settings, "test")
+        client.connect()
+        plugger = NicPlugger(client)
+        assert plugger._find("config.logicalSwitchUuid", backing["logical_switch_uuid"]) is None
+        pg = plugger.portgroup(backing)  # not there yet: waits for it
+        assert pg.name == f"slow-{net.id[:12]}"
+        with pytest.raises(VSphereError, match="no distributed port group for NSX segment"):
+            NicPlugger(client, realize_timeout=1).portgroup(
+                {**backing, "logical_switch_uuid": "no-such-switch"})
+        client.close()
+        drv.delete_endpoint(net.id, ep)
+        drv.delete_network(net.id)
+    finally:
+        slow.stop()

@@ -52,10 +52,13 @@ API = "/policy/api/v1"
 
 class FakeNsxManager:
     def __init__(self, user: str, password: str, realizer: Any = None,
-                 throttle: int = 0) -> None:
+                 throttle: int = 0, realize_delay: float = 0.0) -> None:
         self.user, self.password = user, password
         # Every Nth request is refused with 429, as NSX's per-client rate limit does.
         self.throttle = throttle
+        # Seconds between accepting a segment and its port group in vCenter (0: at once,
+        # before the answer, and a failure is the answer).
+        self.realize_delay = realize_delay
         self.store = PolicyStore(user=user)
         self.realizer = realizer
         self.tz_switch: dict[str, str] = {}  # transport zone path -> the VDS it spans
@@ -178,6 +181,12 @@ class FakeNsxManager:
                     self.store.delete(seg["path"])
                     raise bad("A segment realized in vCenter needs a transport_zone_path.",
                               503040)
+                if self.realize_delay:
+                    # As NSX does: the intent is accepted, realization follows.
+                    asyncio.get_running_loop().call_later(
+                        self.realize_delay, lambda: asyncio.ensure_future(
+                            asyncio.to_thread(self.realizer.create, seg, dvs)))
+                    return seg
                 try:
                     await asyncio.to_thread(self.realizer.create, seg, dvs)
                 except Exception as e:  # noqa: BLE001 - reported as NSX's realization error
@@ -266,7 +275,7 @@ async def serve(args: argparse.Namespace) -> None:
         settings._load_credentials()
         realizer = Realizer(VimClient(settings, "nsxfake"), args.datacenter)
         await asyncio.to_thread(realizer.connect)
-    mgr = FakeNsxManager(args.user, password, realizer, args.throttle)
+    mgr = FakeNsxManager(args.user, password, realizer, args.throttle, args.realize_delay)
     for spec in args.transport_zone or ["vicd-overlay-tz=DVS0"]:
         tz_id, _, dvs = spec.partition("=")
         mgr.add_transport_zone(tz_id, dvs)
@@ -307,6 +316,8 @@ def main() -> None:
     p.add_argument("--tls-key", help="... and key")
     p.add_argument("--throttle", type=int, default=0,
                    help="answer every Nth request with 429 (NSX's rate limit)")
+    p.add_argument("--realize-delay", type=float, default=0.0,
+                   help="realize segments in vCenter this many seconds after accepting them")
     p.add_argument("--transport-zone", action="append",
                    help="ID=DVS: a transport zone and the distributed switch it spans "
                         "(default vicd-overlay-tz=DVS0)")

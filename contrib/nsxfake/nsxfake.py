@@ -63,6 +63,7 @@ class FakeNsxManager:
         self.realizer = realizer
         self.tz_switch: dict[str, str] = {}  # transport zone path -> the VDS it spans
         self.requests = 0
+        self._background: set[asyncio.Future[Any]] = set()
         self._lock = asyncio.Lock()  # one write at a time, as NSX serializes per object
 
     def add_transport_zone(self, tz_id: str, dvs: str) -> None:
@@ -159,6 +160,11 @@ class FakeNsxManager:
             return web.Response()
         raise web.HTTPMethodNotAllowed(request.method, ["GET", "PATCH", "PUT", "DELETE"])
 
+    def _realize_later(self, seg: dict[str, Any], dvs: str) -> None:
+        task = asyncio.ensure_future(asyncio.to_thread(self.realizer.create, seg, dvs))
+        self._background.add(task)  # held until done: the loop keeps only weak references
+        task.add_done_callback(self._background.discard)
+
     # --- handlers -----------------------------------------------------------------------
 
     async def list_tz(self, request: web.Request) -> web.Response:
@@ -184,8 +190,7 @@ class FakeNsxManager:
                 if self.realize_delay:
                     # As NSX does: the intent is accepted, realization follows.
                     asyncio.get_running_loop().call_later(
-                        self.realize_delay, lambda: asyncio.ensure_future(
-                            asyncio.to_thread(self.realizer.create, seg, dvs)))
+                        self.realize_delay, self._realize_later, seg, dvs)
                     return seg
                 try:
                     await asyncio.to_thread(self.realizer.create, seg, dvs)

@@ -28,12 +28,14 @@ def nsxenv(guest_dir: Path, busybox_tar: Path, tmp_path_factory: pytest.TempPath
         env.extra_toml = nsx.toml()
         env.extra_env = nsx.env()
 
-    env = make_env(base, [], busybox_tar, before_vicd=start_nsx)
+    env = None
     try:
+        env = make_env(base, [], busybox_tar, before_vicd=start_nsx)
         yield env, fakes[0]
     finally:
-        env.close()
-        for f in fakes:
+        if env is not None:
+            env.close()
+        for f in fakes:  # also when make_env failed (it closed the rest)
             f.stop()
 
 

@@ -66,7 +66,6 @@ RETRY_STEP = 5  # dockerd waits 5 s before the first retry of a transfer, 10 s b
 USER_AGENT = "vicd (docker-compatible; registry client)"
 
 
-
 @dataclass(frozen=True)
 class TransferOptions:
     """The daemon's settings for pulls and pushes (dockerd's option names in comments)."""

@@ -45,17 +45,12 @@ async def container_vm(engine: Engine, c: Container) -> AsyncIterator[VM]:
     """The VM that serves the container's files: its own, or a held one."""
     rt = engine.rt(c)
     if c.state.status == cs.PAUSED and rt.vm is not None:
-        # A paused VM's vCPUs are stopped and its tether cannot answer: run
-        # the VM with the container's processes stopped (SIGSTOP) meanwhile.
+        # A paused VM's vCPUs are stopped and its tether cannot answer: run the
+        # VM meanwhile; the container's processes stay stopped (engine.pause).
         vm = rt.vm
         await vm.resume()
         try:
-            await vm.freeze(True)
-            try:
-                yield vm
-            finally:
-                with contextlib.suppress(Exception):
-                    await vm.freeze(False)
+            yield vm
         finally:
             if c.state.status == cs.PAUSED:
                 await vm.pause()

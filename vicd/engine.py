@@ -714,6 +714,10 @@ class Engine:
             raise Conflict(f"Container {c.id} is already paused")
         vm = self.rt(c).vm
         assert vm is not None
+        # The processes are stopped first (dockerd's freezer), then the vCPUs: a
+        # paused VM may be resumed for a moment to serve `docker cp` while its
+        # processes stay stopped.
+        await vm.freeze(True)
         await vm.pause()
         c.state.status = cs.PAUSED
         self.store.save(c)
@@ -726,6 +730,7 @@ class Engine:
         vm = self.rt(c).vm
         assert vm is not None
         await vm.resume()
+        await vm.freeze(False)
         c.state.status = cs.RUNNING
         self.store.save(c)
         self.events.publish("container", "unpause", c.id, **self._attrs(c))

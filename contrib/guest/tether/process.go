@@ -281,6 +281,8 @@ func (t *tether) reaper() {
 			if p := t.byPid[pid]; p != nil {
 				delete(t.byPid, pid)
 				p.status <- ws
+			} else {
+				routeHelper(pid, ws)
 			}
 		}
 		t.mu.Unlock()

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -88,8 +87,8 @@ func mountVolumes(mounts []volumeMount) error {
 		os.MkdirAll(stage, 0o755)
 		if m.Mkfs && fstype == "ext4" && !hasExtSuperblock(m.Device) {
 			t0 := time.Now()
-			out, err := exec.Command("/sbin/mke2fs", "-q", "-t", "ext4", "-F",
-				"-E", "root_owner=0:0", m.Device).CombinedOutput()
+			out, err := runHelper("/sbin/mke2fs", "-q", "-t", "ext4", "-F",
+				"-E", "root_owner=0:0", m.Device)
 			if err != nil {
 				return fmt.Errorf("mke2fs %s: %v: %s", m.Device, err, strings.TrimSpace(string(out)))
 			}

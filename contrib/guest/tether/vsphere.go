@@ -51,7 +51,7 @@ func guestinfo(key string) string {
 	if err != nil {
 		return ""
 	}
-	out, err := exec.Command(path, "info-get guestinfo."+key).Output()
+	out, err := runHelper(path, "info-get guestinfo."+key)
 	if err != nil {
 		return ""
 	}
@@ -60,7 +60,7 @@ func guestinfo(key string) string {
 
 func setGuestinfo(key, value string) {
 	if path, err := exec.LookPath(rpctool); err == nil {
-		_ = exec.Command(path, "info-set guestinfo."+key+" "+value).Run()
+		_, _ = runHelper(path, "info-set guestinfo."+key+" "+value)
 	}
 }
 
@@ -89,7 +89,7 @@ func freezeIfParent() {
 	}
 	for {
 		logf("instant-clone parent: freezing")
-		if err := exec.Command(path, "instantclone.freeze").Run(); err != nil {
+		if _, err := runHelper(path, "instantclone.freeze"); err != nil {
 			logf("instantclone.freeze: %v", err)
 			time.Sleep(time.Second)
 			continue

@@ -40,8 +40,11 @@ def _view(engine: Engine, name: str, n: Network | None) -> dict[str, Any]:
         base = {"Name": n.name, "Id": n.id, "Created": n.created, "Driver": n.driver,
                 "Internal": n.internal, "Attachable": n.attachable, "Options": n.options,
                 "Labels": n.labels}
+    scope = "local"
+    if n is not None and n.driver in engine.networks.drivers:
+        scope = engine.networks.drivers[n.driver].capabilities().get("Scope") or "local"
     return {
-        **base, "Scope": "local", "EnableIPv6": False,
+        **base, "Scope": scope, "EnableIPv6": False,
         "IPAM": {"Driver": "default", "Options": None, "Config": ipam},
         "Ingress": False, "ConfigFrom": {"Network": ""}, "ConfigOnly": False,
         "Containers": _members(engine, name, n), "Peers": None,
@@ -91,7 +94,7 @@ def _matches(engine: Engine, name: str, n: Network | None, f: dict[str, list[str
                 raise InvalidParameter(f"invalid filter: 'type'='{t}'")
         if ("builtin" if n is None else "custom") not in f["type"]:
             return False
-    if "scope" in f and "local" not in f["scope"]:
+    if "scope" in f and _view(engine, name, n)["Scope"] not in f["scope"]:
         return False
     if "dangling" in f:
         want = f["dangling"][0].lower() in ("1", "true")

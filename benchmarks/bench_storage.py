@@ -4,7 +4,7 @@ on the reference dockerd 20.10, side by side, interleaved in one run.
 
 Two places for the file: a named local volume (``-v benchvol:/d``; on vicd an ext4 disk image
 behind virtio-blk) and a host bind mount of a temp folder (``-v /tmp/...:/d``; on vicd shared
-through virtiofs). Each round, per place:
+through virtio-9p). Each round, per place:
 
 * write: ``docker run --rm -v SPEC busybox dd if=/dev/zero of=/d/f bs=1M count=S conv=fsync``;
 * ``sync; echo 3 > /proc/sys/vm/drop_caches`` on the host;

@@ -1,8 +1,9 @@
-"""Host folders and files in container VMs (-v /host:/ctr), through virtiofs."""
+"""Host folders and files in container VMs (-v /host:/ctr), through virtio-9p."""
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from conftest import Vicd
@@ -48,3 +49,38 @@ def test_bind_sources(vicd: Vicd, tmp_path: Path):
     (m,) = vicd.inspect("bound")["Mounts"]
     assert m["Type"] == "bind" and m["Source"] == str(tmp_path) and m["RW"] is False
     vicd.docker("rm", "bound")
+
+
+def _start_path(vicd: Vicd, cid: str) -> str:
+    m = re.search(rf"container {cid[:12]}: VM pid \d+ (.+?) in \d+ ms", vicd.log.read_text())
+    assert m, "no start line in the daemon log"
+    return m.group(1)
+
+
+def test_bind_mounts_keep_template_fast_start(vicd: Vicd, tmp_path: Path):
+    # Two clones of one template, each with its own folder at the same slot.
+    ids = []
+    for name in ("a", "b"):
+        src = tmp_path / name
+        src.mkdir()
+        (src / "who").write_text(f"{name}\n")
+        ids.append(vicd.docker("run", "-d", "-v", f"{src}:/h", "-v", f"{src / 'who'}:/who:ro",
+                               "busybox", "cat", "/h/who", "/who").stdout.strip())
+    for cid, name in zip(ids, ("a", "b"), strict=True):
+        vicd.docker("wait", cid)
+        assert vicd.docker("logs", cid).stdout == f"{name}\n{name}\n"
+        assert _start_path(vicd, cid) == "restored from template with 2 host folder(s) over 9p"
+        vicd.docker("rm", cid)
+
+
+def test_more_binds_than_template_slots_cold_boot(vicd: Vicd, tmp_path: Path):
+    args = []
+    for i in range(5):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "n").write_text(str(i))
+        args += ["-v", f"{tmp_path / str(i)}:/d{i}"]
+    cid = vicd.docker("run", "-d", *args, "busybox", "sh", "-c", "cat /d*/n").stdout.strip()
+    vicd.docker("wait", cid)
+    assert vicd.docker("logs", cid).stdout == "01234"
+    assert _start_path(vicd, cid) == "booted with 5 host folder(s) over 9p"
+    vicd.docker("rm", cid)

@@ -1,5 +1,6 @@
-"""docker update (restart policy live; memory/CPUs refused live, applied at the next start)
-and docker top with ps arguments, with the stock CLI."""
+"""docker update (restart policy, memory through the balloon and the CPU limit through the
+guest's cgroup live; more than the VM booted with refused, applied at the next start) and
+docker top with ps arguments, with the stock CLI."""
 
 from __future__ import annotations
 
@@ -37,7 +38,10 @@ def test_update_resources(vicd: Vicd):
         # 300m is above the VM's 256 MiB boot size: the balloon cannot give that
         assert "cannot grow beyond the 256 MiB its VM booted with" in r.stderr
         r = vicd.docker("update", "--cpus", "2", name, check=False)
-        assert r.returncode != 0 and "cpus of a running container" in r.stderr
+        assert r.returncode != 0
+        assert "CPU limit of 2 CPUs is more than the 1 vCPU(s) its VM booted with" in r.stderr
+        r = vicd.docker("update", "--cpuset-cpus", "0", name, check=False)
+        assert r.returncode != 0 and "cpus of a running container cannot change" in r.stderr
         vicd.docker("stop", "-t", "0", name)
         vicd.docker("update", "-m", "300m", name)
         assert vicd.inspect(name)["HostConfig"]["Memory"] == 300 * 2**20
@@ -90,3 +94,55 @@ def test_update_memory_of_a_running_container_through_the_balloon(vicd: Vicd):
         time.sleep(0.5)
     assert total_mb() >= before - 8
     vicd.docker("rm", "-f", "balloon")
+
+
+def _cpu_share(vicd: Vicd, name: str) -> tuple[float, int]:
+    """The container group's CPU use over ~2 s of guest time (usage / elapsed), read from
+    the guest's cgroup cpu.stat, and its throttled-period count at the end."""
+    out = vicd.docker("exec", name, "sh", "-c",
+                      "cat /sys/fs/cgroup/cpu.stat /proc/uptime; sleep 2; "
+                      "cat /sys/fs/cgroup/cpu.stat /proc/uptime").stdout
+    samples, cur = [], {}
+    for line in out.splitlines():
+        k, v = line.split()[:2]
+        if k.replace(".", "").isdigit():  # /proc/uptime closes a sample
+            cur["uptime_usec"] = float(k) * 1e6
+            samples.append(cur)
+            cur = {}
+        else:
+            cur[k] = float(v)
+    a, b = samples
+    share = (b["usage_usec"] - a["usage_usec"]) / (b["uptime_usec"] - a["uptime_usec"])
+    return share, int(b["nr_throttled"])
+
+
+def test_update_cpus_of_a_running_container_sets_the_guest_quota(vicd: Vicd):
+    name = _name("cpu")
+    vicd.docker("run", "-d", "--name", name, "busybox", "sh", "-c", "while :; do :; done")
+    try:
+        cpu_max = ["exec", name, "cat", "/sys/fs/cgroup/cpu.max"]
+        assert vicd.docker(*cpu_max).stdout == "max 100000\n"
+        busy, throttled = _cpu_share(vicd, name)
+        assert busy > 0.7 and throttled == 0
+        vicd.docker("update", "--cpus", "0.5", name)
+        assert vicd.docker(*cpu_max).stdout == "50000 100000\n"
+        limited, throttled = _cpu_share(vicd, name)
+        assert limited < 0.6 and throttled > 0
+        assert vicd.inspect(name)["HostConfig"]["NanoCpus"] == 500_000_000
+        r = vicd.docker("update", "--cpu-quota", "20000", name, check=False)
+        assert r.returncode != 0 and "CPU Quota cannot be updated as NanoCPUs" in r.stderr
+    finally:
+        vicd.docker("rm", "-f", name, check=False)
+    # --cpu-quota/--cpu-period at start, and live
+    vicd.docker("run", "-d", "--name", name, "--cpu-quota", "30000", "--cpu-period", "50000",
+                "busybox", "sleep", "300")
+    try:
+        assert vicd.docker("exec", name, "cat", "/sys/fs/cgroup/cpu.max").stdout == \
+            "30000 50000\n"
+        vicd.docker("update", "--cpu-quota", "40000", name)
+        assert vicd.docker("exec", name, "cat", "/sys/fs/cgroup/cpu.max").stdout == \
+            "40000 50000\n"
+        hc = vicd.inspect(name)["HostConfig"]
+        assert (hc["CpuQuota"], hc["CpuPeriod"]) == (40000, 50000)
+    finally:
+        vicd.docker("rm", "-f", name, check=False)

@@ -63,6 +63,8 @@ class VMSpec:
     process: ProcessSpec
     memory_mb: int
     cpus: int
+    # The CPU quota inside the guest (quota µs, period µs), vicd/cpus.py.
+    cpu_max: tuple[int, int] | None = None
     disks: list[DiskSpec] = field(default_factory=list)
     binds: list[BindSpec] = field(default_factory=list)
     # tmpfs mounts: (target, options as --tmpfs takes them).

@@ -33,6 +33,7 @@ from vicd.backend import (
 from vicd.config import Config
 from vicd.container import Container
 from vicd.container_networks import ContainerNetworks, configured
+from vicd.cpus import cpu_max, vcpus_needed
 from vicd.errors import Conflict, InvalidParameter, NotFound, NotModified, VicdError
 from vicd.events import EventBus
 from vicd.image_store import ImageStore
@@ -426,8 +427,6 @@ class Engine:
         memory = int(hc.get("Memory") or 0)
         mem_mb = self.config.vm_memory_mb if memory <= 0 else math.ceil(memory / 2**20)
         mem_mb = max(mem_mb, self.config.vm_min_memory_mb)
-        nano = int(hc.get("NanoCpus") or 0)
-        cpus = max(1, math.ceil(nano / 1e9)) if nano else 1
         console = hc.get("ConsoleSize") or [0, 0]
         return VMSpec(
             container_id=c.id,
@@ -446,7 +445,8 @@ class Engine:
                 cols=int(console[1] or 0),
             ),
             memory_mb=mem_mb,
-            cpus=cpus,
+            cpus=vcpus_needed(hc),
+            cpu_max=cpu_max(hc),
             labels=dict(cfg.get("Labels") or {}),
             ephemeral=bool(hc.get("AutoRemove")),
             record=c.to_dict(),

@@ -4,7 +4,9 @@ update: the restart policy changes live (the engine reads it at each exit).
 Resources size the VM when it boots: a stopped container keeps the new
 values for its next start. A running one's memory changes through the VM's
 balloon (down, and up again to the boot size; a VM without one refuses);
-CPUs of a running one are refused with a message saying why.
+its CPU limit (--cpus, --cpu-quota, --cpu-period) through the CPU quota in
+the guest, within the vCPUs the VM booted with (vicd/cpus.py); a cpuset
+cannot change live. What cannot change is refused with a message saying why.
 
 top: the guest's process table (tether ``ps``, read from /proc) formatted
 on the host like procps' ``ps`` for the usual argument sets: none / ``-ef``
@@ -20,7 +22,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from vicd.container import Container
-from vicd.errors import InvalidParameter
+from vicd.cpus import DEFAULT_PERIOD_US, cpu_max, vcpus_needed
+from vicd.errors import Conflict, InvalidParameter
 
 if TYPE_CHECKING:
     from vicd.engine import Engine
@@ -34,6 +37,8 @@ RESOURCE_KEYS = (
 # What sizes the VM: fixed while it runs.
 VM_SHAPE = {"Memory": "memory", "MemorySwap": "memory", "NanoCpus": "cpus",
             "CpusetCpus": "cpus", "CpuQuota": "cpus", "CpuPeriod": "cpus"}
+# What the CPU quota in the guest covers.
+CPU_LIMIT = ("NanoCpus", "CpuQuota", "CpuPeriod")
 
 
 async def update(engine: Engine, ref: str, body: dict[str, Any]) -> list[str]:
@@ -54,10 +59,14 @@ async def update(engine: Engine, ref: str, body: dict[str, Any]) -> list[str]:
     live = c.state.running
     vm = engine.rt(c).vm
     set_memory = getattr(vm, "set_memory", None) if live else None
+    # the CPU limit changes live through a quota in the guest where it has vCPUs to fit
+    set_cpu = getattr(vm, "set_cpu_max", None) if live and getattr(vm, "cpus", 0) else None
+    _check_cpu_conflict(c.host_config, changed)
     refused = sorted({VM_SHAPE[k] for k, v in changed.items()
                       if k in VM_SHAPE and v != c.host_config.get(k)
                       # memory changes live through the VM's balloon where it has one
                       and not (k == "Memory" and set_memory is not None)
+                      and not (k in CPU_LIMIT and set_cpu is not None)
                       and k != "MemorySwap"})
     if live and refused:
         raise InvalidParameter(
@@ -70,6 +79,9 @@ async def update(engine: Engine, ref: str, body: dict[str, Any]) -> list[str]:
             c.host_config.get("Memory"):
         mb = max(-(-int(changed["Memory"]) // (1 << 20)), engine.config.vm_min_memory_mb)
         await set_memory(mb)
+    if set_cpu is not None and any(changed.get(k) != c.host_config.get(k)
+                                   for k in CPU_LIMIT if k in changed):
+        await _set_cpu_limit(c, hc, vm.cpus, set_cpu)
     unused = [k for k in changed if k not in VM_SHAPE]
     if unused:
         warnings.append(f"{', '.join(sorted(unused))} stored but not enforced inside the VM")
@@ -77,6 +89,32 @@ async def update(engine: Engine, ref: str, body: dict[str, Any]) -> list[str]:
     engine.store.save(c)
     engine.events.publish("container", "update", c.id, **engine._attrs(c))
     return warnings
+
+
+def _check_cpu_conflict(current: dict[str, Any], changed: dict[str, Any]) -> None:
+    """dockerd's rule: --cpus and --cpu-quota exclude each other, also across updates."""
+    if changed.get("NanoCpus") and changed.get("CpuQuota"):
+        raise InvalidParameter("Conflicting options: Nano CPUs and CPU Quota cannot both be set")
+    if changed.get("NanoCpus") and current.get("CpuQuota"):
+        raise Conflict("Conflicting options: Nano CPUs cannot be updated as CPU Quota has "
+                       "already been set")
+    if changed.get("CpuQuota") and current.get("NanoCpus"):
+        raise Conflict("Conflicting options: CPU Quota cannot be updated as NanoCPUs has "
+                       "already been set")
+    if changed.get("CpuPeriod") and current.get("NanoCpus"):
+        raise Conflict("Conflicting options: CPU Period cannot be updated as NanoCPUs has "
+                       "already been set")
+
+
+async def _set_cpu_limit(c: Container, hc: dict[str, Any], vcpus: int, set_cpu: Any) -> None:
+    need = vcpus_needed(hc)
+    if need > vcpus:
+        quota, period = cpu_max(hc) or (0, DEFAULT_PERIOD_US)
+        raise InvalidParameter(
+            f"Cannot update container {c.id}: a CPU limit of {quota / period:g} CPUs is more "
+            f"than the {vcpus} vCPU(s) its VM booted with (stop the container, update it, "
+            "start it again)")
+    await set_cpu(*(cpu_max(hc) or (0, DEFAULT_PERIOD_US)))
 
 
 # --- top -------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 #!/bin/bash
 # Build the vicd guest: OUTDIR/{vmlinux,initrd.img,kernel.release,build.json}.
 #
-# The kernel comes from Debian's linux-image-cloud-amd64 (apt-get download +
-# dpkg -x into OUTDIR/cache, never installed on the host); the initramfs holds
-# the tether as /init plus the few virtio modules the cloud kernel does not
-# build in. Idempotent: a stamp of (kernel package, tether source hash, this
+# The kernel comes from Debian's generic linux-image-amd64 (apt-get download +
+# dpkg -x into OUTDIR/cache, never installed on the host): unlike the cloud
+# kernel it has the 9p modules that host bind mounts need. The initramfs holds
+# the tether as /init plus the modules the guest needs that are not built in. Idempotent: a stamp of (kernel package, tether source hash, this
 # script's hash) makes a second run exit at once.
 set -euo pipefail
 
@@ -23,26 +23,29 @@ APT_OPTS=(-o DPkg::Lock::Timeout=300 -o Acquire::Retries=3)
 
 log() { echo "guest-build: $*" >&2; }
 
-# Modules the guest needs beyond what is built in: the microvm transport and
-# the two devices (root disk, control port). Their dependencies are added from
-# modules.dep.
-WANT_MODULES=(virtio_mmio virtio_blk virtio_console virtio_rng virtio_net virtiofs virtio_balloon)
+# Modules the guest needs beyond what is built in: the microvm transport, the
+# devices, ext4 (a module in the generic kernel; it finds crc32c through the
+# crypto API, so that one is named) and 9p for host folders. Their
+# dependencies are added from modules.dep or the modules' own depends= field.
+WANT_MODULES=(virtio_mmio virtio_blk virtio_console virtio_rng virtio_net virtio_balloon
+    crc32c_generic ext4 9pnet_virtio 9p)
+META_PKG=linux-image-amd64
 
 # Prints "PACKAGE VERSION" of the kernel the meta package depends on. One
 # apt-cache call: Debian's meta package pins the exact version.
 resolve_pkg() {
-    apt-cache show --no-all-versions linux-image-cloud-amd64 2>/dev/null |
-        sed -n 's/^Depends:.*\(linux-image-[0-9][^ ,]*-cloud-amd64\)\( (= \([^)]*\))\)\{0,1\}.*/\1 \3/p' | head -n1
+    apt-cache show --no-all-versions "$META_PKG" 2>/dev/null |
+        sed -n 's/^Depends:.*\(linux-image-[0-9][^ ,]*-amd64\)\( (= \([^)]*\))\)\{0,1\}.*/\1 \3/p' | head -n1
 }
 
 RESOLVED=$(resolve_pkg || true)
 if [ -z "$RESOLVED" ]; then
-    log "apt-cache cannot resolve linux-image-cloud-amd64: running apt-get update"
+    log "apt-cache cannot resolve $META_PKG: running apt-get update"
     apt-get "${APT_OPTS[@]}" update >&2
     RESOLVED=$(resolve_pkg || true)
 fi
 if [ -z "$RESOLVED" ]; then
-    log "cannot resolve the kernel package behind linux-image-cloud-amd64"
+    log "cannot resolve the kernel package behind $META_PKG"
     exit 1
 fi
 read -r PKG PKGVER <<<"$RESOLVED"
@@ -96,20 +99,21 @@ BZIMAGE="$KROOT/boot/vmlinuz-$KREL"
 MODDIR="$KROOT/lib/modules/$KREL"
 [ -f "$BZIMAGE" ] || { log "no $BZIMAGE in the package"; exit 1; }
 
-# --- vmlinux: the LZ4 payload of the bzImage (PVH entry, boots ~0.7 s faster) ---
+# --- vmlinux: the XZ payload of the bzImage (PVH entry; the bzImage boots ~2.9 s
+# slower, ../shared/specs/microvm-notes.md) ---
 log "extracting vmlinux"
 OFF=$("$PY" - "$BZIMAGE" <<'EOF'
 import sys
 data = open(sys.argv[1], "rb").read()
-i = data.find(b"\x02\x21\x4c\x18")
+i = data.find(b"\xfd7zXZ\x00")
 if i < 0:
-    sys.exit("no LZ4 legacy magic in the bzImage")
+    sys.exit("no XZ magic in the bzImage")
 print(i)
 EOF
 )
-# lz4 complains about the bytes after the compressed stream; the ELF check
-# below is what matters.
-tail -c +"$((OFF + 1))" "$BZIMAGE" | lz4 -dc >"$OUT/vmlinux.tmp" 2>/dev/null || true
+# xz complains about the bytes after the compressed stream ("compressed data
+# is corrupt"); the ELF check below is what matters.
+tail -c +"$((OFF + 1))" "$BZIMAGE" | xz -dc >"$OUT/vmlinux.tmp" 2>/dev/null || true
 if [ "$(head -c 4 "$OUT/vmlinux.tmp" | od -An -tx1 | tr -d ' \n')" != "7f454c46" ]; then
     log "decompressed kernel is not an ELF file"
     exit 1

@@ -27,7 +27,15 @@ from vicd.backend import OutputSink, StartError, VMSpec
 from vicd.config import Config
 from vicd.errors import InvalidParameter, VicdError
 from vicd.plugins.microvm import archive
-from vicd.plugins.microvm.binds import SharedFolder, SharedFolders
+from vicd.plugins.microvm.binds import (
+    NINEP_MSIZE,
+    NINEP_SLOTS,
+    Export,
+    SharedFolder,
+    SharedFolders,
+    slot_exports,
+    slot_tag,
+)
 from vicd.plugins.microvm.guest import TetherGuest, process_fields, slot_iface
 from vicd.plugins.microvm.netns import (
     NetNS,
@@ -72,7 +80,7 @@ class RestoreError(VicdError):
 
 class MicroVM(TetherGuest):
     def __init__(self, cid: str, files: VMFiles, proc: QemuProcess, conn: TetherConnection,
-                 ephemeral: bool = False, memory_mb: int = 0) -> None:
+                 ephemeral: bool = False, memory_mb: int = 0, cpus: int = 1) -> None:
         self.cid = cid
         self.ephemeral = ephemeral
         self.files = files
@@ -84,6 +92,7 @@ class MicroVM(TetherGuest):
         self.folders: SharedFolders | None = None
         self.memory_mb = memory_mb  # the boot size; the balloon stays under it
         self.netns: NetNS | None = None
+        self.cpus = cpus  # vCPUs: a CPU quota set live must fit them
         self._qmp: QMP | None = None
         self._killed = False
 
@@ -175,12 +184,15 @@ class MicroVMBackend:
         self.run_dir = _run_dir(config.data_root)
         self.netns: NetNS | None = namespace_for(config.data_root) if NetNS.usable() else None
         self.nic_slots = NIC_SLOTS if self.netns else 0
+        # What an unused 9p slot exports (read-only).
+        self.empty_export = self.root / "empty"
         self._prebuild: asyncio.Task[None] | None = None
 
     # --- setup ----------------------------------------------------------------
 
     async def setup(self) -> None:
         self.vms.mkdir(parents=True, exist_ok=True)
+        self.empty_export.mkdir(mode=0o555, exist_ok=True)
         for name in ("vmlinux", "initrd.img", "kernel.release"):
             if not (self.guest_dir / name).is_file():
                 raise VicdError(
@@ -213,7 +225,7 @@ class MicroVMBackend:
         for d in binds.iterdir():
             vm_dir = self.vms / d.name
             if live_qemu_pid(VMFiles(vm_dir, self.run_dir)) is None:
-                SharedFolders(d, vm_dir, self.run_dir).cleanup()
+                SharedFolders(d).cleanup()
 
     async def _choose_accel(self) -> str:
         want = self.config.accel
@@ -281,9 +293,7 @@ class MicroVMBackend:
         return VMFiles(self.vms / cid[:16], self.run_dir)
 
     def _folders(self, cid: str) -> SharedFolders:
-        files = self.files(cid)
-        return SharedFolders(self.root / "binds" / cid[:16], files.dir,
-                             files.run_dir or files.dir)
+        return SharedFolders(self.root / "binds" / cid[:16])
 
     def _argv(
         self,
@@ -295,9 +305,11 @@ class MicroVMBackend:
         mem_path: Path | None = None,
         mem_shared: bool = False,
         nic: dict[str, Any] | None = None,
-        shared: list[SharedFolder] | None = None,
         taps: list[int] | None = None,
+        exports: list[Export] | None = None,
     ) -> list[str]:
+        if exports is None:  # every slot empty (templates, the KVM probe)
+            exports = slot_exports([], self.empty_export)
         return build_cmdline(
             files=files,
             kernel=self.guest_dir / "vmlinux",
@@ -309,8 +321,8 @@ class MicroVMBackend:
             mem_path=mem_path,
             mem_shared=mem_shared,
             nic=nic,
-            shared=[(f.tag, f.socket) for f in shared or []],
             taps=taps,
+            exports=[(slot_tag(i), e.path, e.read_only) for i, e in enumerate(exports)],
         )
 
     async def create(self, spec: VMSpec) -> None:
@@ -344,19 +356,25 @@ class MicroVMBackend:
         disks += [(d.path, d.fmt, False) for d in spec.disks]
         t0 = time.monotonic()
         folders = self._folders(spec.container_id)
-        shared = await folders.prepare(spec.binds) if spec.binds else []
         taps: list[int] = []
         try:
+            shared = folders.prepare(spec.binds)
+            exports = slot_exports(shared, self.empty_export)
             taps = await self._open_taps(spec.container_id, spec.nics[1:])
             launched = None
-            if not shared:  # vhost-user devices cannot be in a migration snapshot
-                launched = await self._launch_from_template(spec, files, disks, taps)
+            if len(shared) <= NINEP_SLOTS:
+                launched = await self._launch_from_template(spec, files, disks, taps, exports)
+            else:
+                log.info("container %s: cold boot (%d host folders, templates have %d 9p slots)",
+                         spec.container_id[:12], len(shared), NINEP_SLOTS)
             how = "restored from template"
             if launched is None:
-                how = "booted" + (" (host folders need a cold boot)" if shared else "")
+                how = "booted"
                 argv = self._argv(files, self.accel, spec.memory_mb, spec.cpus, disks,
-                                  nic=_nic(spec), shared=shared, taps=taps)
+                                  nic=_nic(spec), taps=taps, exports=exports)
                 launched = await self._launch(argv, files, taps)
+            if shared:
+                how += f" with {len(shared)} host folder(s) over 9p"
         except BaseException:
             folders.cleanup()
             raise
@@ -367,7 +385,7 @@ class MicroVMBackend:
         t_boot = time.monotonic() - t0
         # Volumes outlive the container: only a VM without them may end unflushed.
         vm = MicroVM(spec.container_id, files, proc, conn, spec.ephemeral and not spec.disks,
-                     spec.memory_mb)
+                     spec.memory_mb, spec.cpus)
         vm.netns = self.netns
         try:
             channel = conn.open_channel(1, sink)
@@ -383,6 +401,7 @@ class MicroVMBackend:
                     for target, opts in spec.tmpfs],
                 **process_fields(spec.process),
                 "hold": spec.hold,
+                "cpu_max": _cpu_max(spec.cpu_max),
             }
             try:
                 reply = await conn.request("run", config=config, timeout=30)
@@ -464,7 +483,8 @@ class MicroVMBackend:
                      self.nic_slots)
 
     async def _launch_from_template(
-        self, spec: VMSpec, files: VMFiles, disks: list[tuple[Path, str, bool]], taps: list[int]
+        self, spec: VMSpec, files: VMFiles, disks: list[tuple[Path, str, bool]], taps: list[int],
+        exports: list[Export],
     ) -> tuple[QemuProcess, TetherConnection, dict[str, Any]] | None:
         """Restore the shape's template, building it first if needed; None: cold-boot."""
         if not self.config.templates:
@@ -484,7 +504,7 @@ class MicroVMBackend:
             return None
         self.templates.touch(t)
         try:
-            return await self._restore(t, shape, files, disks, _nic(spec), taps)
+            return await self._restore(t, shape, files, disks, _nic(spec), taps, exports)
         except (RestoreError, TetherError, QMPError, OSError) as e:
             self.templates.discard(t, f"restore failed: {e}")
             log.warning("container %s: cold boot after a failed restore", spec.container_id[:12])
@@ -546,10 +566,13 @@ class MicroVMBackend:
 
     async def _restore(
         self, t: Template, shape: Shape, files: VMFiles, disks: list[tuple[Path, str, bool]],
-        nic: dict[str, Any] | None, taps: list[int],
+        nic: dict[str, Any] | None, taps: list[int], exports: list[Export],
     ) -> tuple[QemuProcess, TetherConnection, dict[str, Any]]:
+        # The 9p slots were never mounted in the template: each clone gives
+        # its own folders here.
         argv = self._argv(files, shape.accel, shape.memory_mb, shape.cpus, disks,
-                          mem_path=t.mem, mem_shared=False, nic=nic, taps=taps)
+                          mem_path=t.mem, mem_shared=False, nic=nic, taps=taps,
+                          exports=exports)
         argv += ["-incoming", "defer"]
         proc = QemuProcess.spawn(argv, files, tuple(taps))
         try:
@@ -595,7 +618,8 @@ class MicroVMBackend:
             proc.kill()
             await conn.close()
             return None
-        vm = MicroVM(container_id, files, proc, conn, memory_mb=_boot_memory_mb(pid))
+        vm = MicroVM(container_id, files, proc, conn, memory_mb=_boot_arg(pid, "-m"),
+                     cpus=_boot_arg(pid, "-smp") or 1)
         vm.netns = self.netns
         vm.folders = self._folders(container_id)  # undone when this VM ends
         vm.main = TetherProcess(conn, 1, channel, int(hello.get("pid", 0) or 0))
@@ -646,11 +670,12 @@ class MicroVMBackend:
         shutil.rmtree(self.files(container_id).dir, ignore_errors=True)
 
 
-def _boot_memory_mb(pid: int) -> int:
-    """The ``-m`` a running QEMU was started with (for a VM found after a restart)."""
+def _boot_arg(pid: int, flag: str) -> int:
+    """A number a running QEMU was started with (``-m``, ``-smp``), for a VM found
+    after a restart."""
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        return int(argv[argv.index(b"-m") + 1])
+        return int(argv[argv.index(flag.encode()) + 1])
     except (OSError, ValueError, IndexError):
         return 0
 
@@ -668,6 +693,10 @@ def _nic(spec: VMSpec) -> dict[str, Any] | None:
     return spec.nics[0] if spec.nics else None
 
 
+def _cpu_max(limit: tuple[int, int] | None) -> dict[str, int] | None:
+    return {"quota": limit[0], "period": limit[1]} if limit else None
+
+
 def _guest_network(spec: VMSpec) -> dict[str, Any]:
     """The run request's network: what the tether configures inside the guest."""
     ifaces = [
@@ -679,9 +708,10 @@ def _guest_network(spec: VMSpec) -> dict[str, Any]:
 
 
 def _guest_binds(shared: list[SharedFolder]) -> list[dict[str, Any]]:
+    opts = f"trans=virtio,version=9p2000.L,msize={NINEP_MSIZE}"
     return [
-        {"device": f.tag, "fstype": "virtiofs", "target": f.target, "readonly": f.read_only,
-         "file": f.file}
+        {"device": f.tag, "fstype": "9p", "target": f.target, "readonly": f.export.read_only,
+         "file": f.file, "options": opts}
         for f in shared
     ]
 

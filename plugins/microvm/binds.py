@@ -1,10 +1,16 @@
-"""Host folders in the VM (``-v /host:/ctr``) through virtiofs.
+"""Host folders in the VM (``-v /host:/ctr``) through QEMU's virtio-9p.
 
-For each bind mount the host side prepares a staging folder under
-``<data-root>/microvm/binds/<vm>/<n>``: a bind mount of the source (made
-read-only on the host for ``:ro``, so the guest cannot write whatever it
-does), or for a single file, a folder holding a bind mount of that file.
-One ``virtiofsd`` serves each staging folder to QEMU's vhost-user-fs device.
+Every VM has the same fixed number of 9p devices (``NINEP_SLOTS``, tags
+``vicd0``...), so a template snapshot has them too: the guest mounts none of
+them before the snapshot (QEMU refuses to migrate a VM with a mounted share),
+and each clone gives its own export paths at restore. Unused slots export an
+empty read-only folder.
+
+A folder is exported as it is. A single file is exported through a staging
+folder ``<data-root>/microvm/binds/<vm>/<n>`` that holds a bind mount of just
+that file (the guest then bind-mounts it over its target), so the file's
+siblings are never exposed. ``:ro`` is ``readonly=on`` on the export: QEMU
+refuses every write whatever the guest does.
 
 Staging folders hold the user's files: they are only ever unmounted and
 removed with non-recursive calls (``os.rmdir``/``os.unlink`` of our own
@@ -13,11 +19,8 @@ placeholders), never deleted recursively.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import os
-import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +30,38 @@ from vicd.errors import VicdError
 
 log = logging.getLogger(__name__)
 
-VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+# 9p devices in every VM (and so in every template). A container with more
+# bind mounts cold-boots with one device per mount.
+NINEP_SLOTS = 4
+# virtio caps a 9p message at this size; measured fastest under TCG.
+NINEP_MSIZE = 512000
+
+
+@dataclass
+class Export:
+    """What one 9p slot serves: QEMU's side."""
+
+    path: Path
+    read_only: bool
 
 
 @dataclass
 class SharedFolder:
-    tag: str  # the virtiofs tag the guest mounts
-    socket: Path
+    tag: str  # the 9p mount tag the guest mounts
+    export: Export
     target: str
-    read_only: bool
-    file: str  # for a single-file bind: its name in the shared folder
+    file: str  # for a single-file bind: its name in the exported folder
+
+
+def slot_tag(n: int) -> str:
+    return f"vicd{n}"
+
+
+def slot_exports(folders: list[SharedFolder], empty: Path) -> list[Export]:
+    """The export of each 9p device: the binds first, then empty slots."""
+    out = [f.export for f in folders]
+    out += [Export(empty, True)] * max(0, NINEP_SLOTS - len(out))
+    return out
 
 
 def _mount(*args: str) -> None:
@@ -57,59 +82,30 @@ def _mounted_below(root: Path) -> list[str]:
 
 
 class SharedFolders:
-    def __init__(self, root: Path, vm_dir: Path, sock_dir: Path) -> None:
-        self.root = root  # <data-root>/microvm/binds/<vm>
-        self.vm_dir = vm_dir
-        self.sock_dir = sock_dir  # short, for AF_UNIX
+    def __init__(self, root: Path) -> None:
+        self.root = root  # <data-root>/microvm/binds/<vm>: single-file staging
 
-    async def prepare(self, binds: list[BindSpec]) -> list[SharedFolder]:
+    def prepare(self, binds: list[BindSpec]) -> list[SharedFolder]:
         self.cleanup()
         out = []
         for n, b in enumerate(binds):
-            stage = self.root / str(n)
-            stage.mkdir(parents=True, exist_ok=True)
             src = b.source
             if not src.exists():
                 raise VicdError(f"bind source path does not exist: {src}")
             name = ""
-            point = stage
+            path = src
             if not src.is_dir():
                 name = src.name or "file"
-                point = stage / name
+                path = self.root / str(n)
+                path.mkdir(parents=True, exist_ok=True)
+                point = path / name
                 point.touch(exist_ok=True)
-            _mount("--bind", str(src), str(point))
-            if b.read_only:
-                _mount("-o", "remount,bind,ro", str(point))
-            sock = self.sock_dir / f"{self.vm_dir.name}.vfs{n}"
-            with contextlib.suppress(FileNotFoundError):
-                sock.unlink()
-            await self._virtiofsd(n, sock, stage)
-            out.append(SharedFolder(f"vicd{n}", sock, b.target, b.read_only, name))
+                _mount("--bind", str(src), str(point))
+            out.append(SharedFolder(slot_tag(n), Export(path, b.read_only), b.target, name))
         return out
 
-    async def _virtiofsd(self, n: int, sock: Path, stage: Path) -> None:
-        with open(self.vm_dir / f"virtiofsd{n}.log", "ab") as logf:
-            proc = subprocess.Popen(
-                [VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={stage}",
-                 "-o", "cache=auto", "-o", "sandbox=namespace", "-o", "xattr"],
-                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
-            )
-        (self.vm_dir / f"virtiofsd{n}.pid").write_text(str(proc.pid))
-        for _ in range(500):  # it must listen before QEMU connects
-            if sock.exists():
-                return
-            if proc.poll() is not None:
-                raise VicdError(f"virtiofsd failed to start (see {self.vm_dir}/virtiofsd{n}.log)")
-            await asyncio.sleep(0.01)
-        proc.kill()
-        raise VicdError("virtiofsd did not come up")
-
     def cleanup(self) -> None:
-        """Stop the file servers and undo the staging mounts (never a recursive delete)."""
-        for pidfile in self.vm_dir.glob("virtiofsd*.pid"):
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int(pidfile.read_text()), signal.SIGKILL)
-            pidfile.unlink(missing_ok=True)
+        """Undo the staging mounts (never a recursive delete)."""
         if not self.root.exists():
             return
         for point in _mounted_below(self.root):

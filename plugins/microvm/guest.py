@@ -99,6 +99,11 @@ class TetherGuest:
                           no_overwrite_dir_non_dir: bool = False, chown_user: str = "") -> None:
         await archive.put_archive(self, path, data, no_overwrite_dir_non_dir, chown_user)
 
+    async def set_cpu_max(self, quota_us: int, period_us: int) -> None:
+        """The container's CPU quota inside the guest (cgroup v2 cpu.max; 0: none)."""
+        await self.conn.request("cpu_max", cpu_max={"quota": quota_us, "period": period_us},
+                                timeout=10)
+
     async def freeze(self, frozen: bool) -> None:
         """Stop (SIGSTOP) or continue every container process (commit --pause)."""
         await self.conn.request("freeze", frozen=frozen, timeout=10)

@@ -93,8 +93,8 @@ def build_cmdline(
     mem_path: Path | None = None,
     mem_shared: bool = False,
     nic: dict[str, Any] | None = None,
-    shared: list[tuple[str, Path]] | None = None,
     taps: list[int] | None = None,
+    exports: list[tuple[str, Path, bool]] | None = None,
 ) -> list[str]:
     """The QEMU argv. ``disks`` are (path, format, read_only), the root first (vda).
 
@@ -110,11 +110,7 @@ def build_cmdline(
             append += f" tsc_early_khz={khz}"
     machine = "microvm,pit=off,pic=off,isa-serial=on,rtc=on"
     memory: list[str] = []
-    if shared:
-        # vhost-user devices (virtiofsd) need guest RAM they can map.
-        machine += ",memory-backend=mem"
-        memory = ["-object", f"memory-backend-memfd,id=mem,size={memory_mb}M,share=on"]
-    elif mem_path is not None:
+    if mem_path is not None:
         machine += ",memory-backend=mem"
         share = "on" if mem_shared else "off"
         memory = ["-object", f"memory-backend-file,id=mem,size={memory_mb}M,"
@@ -147,18 +143,12 @@ def build_cmdline(
     ]
     argv += netdev_args(nic)
     argv += tap_args(taps or [])
-    if shared:
-        # libvhost-user (virtiofsd) refuses legacy virtio, microvm's mmio default.
-        argv += ["-global", "virtio-mmio.force-legacy=false"]
-    for i, (tag, sock) in enumerate(shared or []):
-        argv += ["-chardev", f"socket,id=vfs{i},path={sock}",
-                 "-device", f"vhost-user-fs-device,chardev=vfs{i},tag={tag}"]
     for i, (path, fmt, ro) in enumerate(disks):
         drive = f"id=d{i},file={path},format={fmt},if=none,cache=unsafe"
         if ro:
             drive += ",readonly=on"
         argv += ["-drive", drive, "-device", f"virtio-blk-device,drive=d{i}"]
-    return argv
+    return argv + ninep_args(exports or [])
 
 
 def netdev_args(nic: dict[str, Any] | None) -> list[str]:
@@ -195,6 +185,22 @@ def tap_args(taps: list[int]) -> list[str]:
     for i, fd in enumerate(taps, start=1):
         argv += ["-netdev", f"tap,id=net{i},fd={fd},vhost=off",
                  "-device", f"virtio-net-device,netdev=net{i},mac={slot_mac(i)}"]
+    return argv
+
+
+def ninep_args(exports: list[tuple[str, Path, bool]]) -> list[str]:
+    """One virtio-9p device per (mount tag, host folder, read-only).
+
+    passthrough: QEMU (root) creates files with the guest's owners and modes,
+    so the host sees what dockerd would leave there. Only the device and its
+    tag are part of a snapshot; the folder is given anew at each restore.
+    """
+    argv = []
+    for i, (tag, path, ro) in enumerate(exports):
+        fsdev = f"local,id=fs{i},path={str(path).replace(',', ',,')},security_model=passthrough"
+        if ro:
+            fsdev += ",readonly=on"
+        argv += ["-fsdev", fsdev, "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={tag}"]
     return argv
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-LAYOUT_VERSION = 4  # bump when the device layout of the command line changes
+LAYOUT_VERSION = 5  # bump when the device layout of the command line changes
 
 
 @dataclass(frozen=True)

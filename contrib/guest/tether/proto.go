@@ -181,6 +181,8 @@ type request struct {
 	ChownUser            string   `json:"chown_user"`
 	// net: NICs to (re)configure on a running guest (network connect/disconnect).
 	Interfaces []netIface `json:"interfaces"`
+	// cpu_max (cgroup.go).
+	CPUMax *cpuMax `json:"cpu_max"`
 }
 
 type runConfig struct {
@@ -203,6 +205,8 @@ type runConfig struct {
 	Mounts []volumeMount `json:"mounts"`
 	// Hold: mount the disks but start no process (archive ops only).
 	Hold bool `json:"hold"`
+	// CPUMax: the container's CPU quota (optional, cgroup.go).
+	CPUMax *cpuMax `json:"cpu_max"`
 }
 
 // reqError carries the exit code a failed start reports.

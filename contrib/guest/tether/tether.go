@@ -145,6 +145,8 @@ func (t *tether) handleCtrl(payload []byte) {
 			res, err = freeze(req.Frozen)
 		case "net":
 			res, err = reconfigureNetwork(req.Interfaces)
+		case "cpu_max":
+			res, err = t.cpuMaxReq(&req)
 		default:
 			err = fmt.Errorf("unknown op %q", req.Op)
 		}
@@ -271,6 +273,13 @@ func (t *tether) startMain(cfg *runConfig) (int, error) {
 	lap("net_us")
 	mountEtcFiles(cfg)
 	lap("etc_us")
+	if err := setupCgroup(); err != nil {
+		return 0, &reqError{msg: "cgroup: " + err.Error(), code: 1}
+	}
+	if err := setCPUMax(cfg.CPUMax); err != nil {
+		return 0, &reqError{msg: err.Error(), code: 1}
+	}
+	lap("cgroup_us")
 	if cfg.Hostname != "" {
 		if err := syscall.Sethostname([]byte(cfg.Hostname)); err != nil {
 			logf("sethostname: %v", err)

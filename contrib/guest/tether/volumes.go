@@ -23,10 +23,10 @@ type volumeMount struct {
 	// Mkfs: the disk may be blank (a VMDK made by CreateVirtualDisk_Task):
 	// make its ext4 first if it has no filesystem, then copy up.
 	Mkfs bool `json:"mkfs"`
-	// File: for a virtiofs bind of a single host file, the file's name in
-	// the shared folder; it is bind-mounted over Target.
+	// File: for a 9p bind of a single host file, the file's name in the
+	// shared folder; it is bind-mounted over Target.
 	File string `json:"file"`
-	// Options: for tmpfs, mount options as `--tmpfs` takes them
+	// Options: for tmpfs and 9p, mount options as `--tmpfs` takes them
 	// ("size=64m,mode=1777,noexec"): flags become mount flags, the rest data.
 	Options string `json:"options"`
 }
@@ -74,10 +74,15 @@ func mountVolumes(mounts []volumeMount) error {
 			}
 			continue
 		}
-		if fstype != "virtiofs" { // virtiofs names a tag, not a device node
-			if err := waitDevice(m.Device); err != nil {
-				return err
+		var flags uintptr
+		data := ""
+		if fstype == "9p" { // a 9p mount names a tag, not a device node
+			flags, data = mountFlags(m.Options)
+			if m.ReadOnly {
+				flags |= syscall.MS_RDONLY
 			}
+		} else if err := waitDevice(m.Device); err != nil {
+			return err
 		}
 		target, err := securePath(containerRoot, m.Target)
 		if err != nil {
@@ -95,7 +100,7 @@ func mountVolumes(mounts []volumeMount) error {
 			logf("made ext4 on %s in %v", m.Device, time.Since(t0))
 			m.CopyUp = true // a new filesystem is an empty volume
 		}
-		if err := syscall.Mount(m.Device, stage, fstype, 0, ""); err != nil {
+		if err := syscall.Mount(m.Device, stage, fstype, flags, data); err != nil {
 			return fmt.Errorf("mount %s %s: %v", fstype, m.Device, err)
 		}
 		if m.File != "" {

@@ -331,6 +331,8 @@ async def stats(request: web.Request) -> web.StreamResponse:
         pre, pre_t = await engine.stats_sample(c), rfc3339_now()
         await asyncio.sleep(1)
     with contextlib.suppress(ConnectionError):
+        loop = asyncio.get_running_loop()
+        tick = loop.time()
         while True:
             cur = await engine.stats_sample(c)
             now = rfc3339(time.time_ns())
@@ -340,7 +342,10 @@ async def stats(request: web.Request) -> web.StreamResponse:
             pre, pre_t = cur, now
             if not c.state.running:
                 break
-            await asyncio.sleep(1)
+            # One sample a second however long the guest takes to answer, as dockerd's
+            # collector: the CLI blanks a row that had no update for 2 s.
+            tick = max(tick + 1, loop.time())
+            await asyncio.sleep(tick - loop.time())
         await resp.write_eof()
     return resp
 

@@ -6,7 +6,9 @@ import json
 import os
 import platform
 import pty
+import re
 import select
+import subprocess
 import time
 
 from conftest import DOCKER, Vicd
@@ -311,3 +313,25 @@ def test_docker_python_sdk(vicd: Vicd):
     c.kill()
     assert c.wait()["StatusCode"] == 137
     c.remove()
+
+
+def test_stats_streams_with_the_stock_cli(vicd: Vicd):
+    """`docker stats` without --no-stream keeps printing until it is stopped."""
+    vicd.docker("run", "-d", "--name", "st", "busybox", "sh", "-c", "while :; do :; done")
+    try:
+        r = subprocess.run(
+            # The stock CLI may outlive SIGINT/SIGTERM while streaming (on dockerd too): -k.
+            ["timeout", "-s", "INT", "-k", "2", "8", DOCKER, "stats", "--format",
+             "{{.Name}} {{.CPUPerc}} {{.MemUsage}} {{.PIDs}}", "st"],
+            capture_output=True, text=True, timeout=30,
+            env={**os.environ, "DOCKER_HOST": vicd.host})
+        assert r.returncode in (124, -9), r.stderr  # still streaming when it was stopped
+        # each refresh clears the screen (escape sequences) and prints the row again
+        rows = re.findall(r"(?:^|\x1b\[[0-9;]*[A-Za-z])st ([\d.]+)% ([\d.]+)[KMG]iB / \S+ (\d+)",
+                          r.stdout, re.M)
+        assert len(rows) >= 3, r.stdout
+        # after the first row (no previous sample yet) the busy loop shows
+        assert any(float(cpu) > 10 for cpu, _, _ in rows[1:])
+        assert all(float(used) > 0 and int(pids) >= 1 for _, used, pids in rows)
+    finally:
+        vicd.docker("rm", "-f", "st")

@@ -106,3 +106,21 @@ def test_image_healthcheck_and_no_healthcheck(vicd: Vicd):
         client.close()
         vicd.docker("rm", "-f", base, check=False)
         vicd.docker("rmi", "-f", repo, check=False)
+
+
+def test_health_survives_a_daemon_kill(fresh_vicd: Vicd):
+    d = fresh_vicd
+    # Probes every second while starting, then once a minute: a daemon that restarted the
+    # status at "starting" would show it for a whole second at least.
+    d.docker("run", "-d", "--name", "hck", "--health-cmd", "true", "--health-interval", "60s",
+             "--health-start-period", "60s", "--health-start-interval", "1s", "busybox",
+             "sleep", "1000")
+    before = _wait_health(d, "hck", "healthy")
+    d.kill9()
+    d.start()
+    assert "reattached to its running VM" in d.log.read_text()
+    health = d.inspect("hck")["State"]["Health"]
+    assert health["Status"] == "healthy" and health["Log"] == before["Log"]
+    assert "(healthy)" in d.docker("ps", "--filter", "name=hck", "--format",
+                                   "{{.Status}}").stdout
+    d.docker("rm", "-f", "hck")

@@ -198,7 +198,7 @@ class Engine:
                 c.state.status = cs.RUNNING
                 self.store.save(c)
             rt.monitor = asyncio.create_task(self._monitor(c, vm))
-            health.start(self, c)
+            health.start(self, c, reattached=True)
             log.info("container %s: reattached to its running VM", c.short_id)
         for c in self.containers.values():  # endpoints of VMs that ended while we were away
             if not c.state.running:

@@ -7,7 +7,9 @@ exit 0 is healthy; a failure, or a probe that outlives Timeout (then
 killed, exit -1), adds to FailingStreak; Retries failures in a row make the
 container unhealthy, except that failures within StartPeriod do not count.
 The last 5 results are kept in ``State.Health.Log`` (output up to 4 KiB).
-Every change of status publishes ``health_status: <status>``.
+Every change of status publishes ``health_status: <status>``. A daemon that
+finds the container's VM still running (restart, kill -9) carries on from
+the stored State.Health, and the start period counts from StartedAt.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from typing import TYPE_CHECKING, Any
 
 from vicd.backend import ProcessSpec, StartError
 from vicd.container import Container
 from vicd.names import new_id
-from vicd.timefmt import rfc3339_now
+from vicd.timefmt import parse_rfc3339, rfc3339_now
 
 if TYPE_CHECKING:
     from vicd.engine import Engine
@@ -61,14 +64,21 @@ def _seconds(ns: Any, default: float) -> float:
     return int(ns) / 1e9 if ns else default
 
 
-def start(engine: Engine, c: Container) -> None:
+def start(engine: Engine, c: Container, reattached: bool = False) -> None:
+    """Begin probing a container whose VM runs: from "starting" after a start,
+    from the last stored status when a new daemon reattaches to it."""
     stop(c)
     hc = healthcheck(c)
     if hc is None:
         c.state.health = None
         return
-    c.state.health = {"Status": STARTING, "FailingStreak": 0, "Log": []}
-    _tasks[c.id] = asyncio.create_task(_loop(engine, c, hc))
+    running_for = 0.0
+    if reattached and c.state.health:
+        with contextlib.suppress(ValueError):
+            running_for = time.time() - parse_rfc3339(c.state.started_at).timestamp()
+    else:
+        c.state.health = {"Status": STARTING, "FailingStreak": 0, "Log": []}
+    _tasks[c.id] = asyncio.create_task(_loop(engine, c, hc, max(running_for, 0.0)))
 
 
 def stop(c: Container) -> None:
@@ -83,14 +93,14 @@ def status(c: Container) -> str:
     return h["Status"] if h else "none"
 
 
-async def _loop(engine: Engine, c: Container, hc: dict[str, Any]) -> None:
+async def _loop(engine: Engine, c: Container, hc: dict[str, Any], running_for: float) -> None:
     interval = _seconds(hc.get("Interval"), DEFAULT_INTERVAL)
     timeout = _seconds(hc.get("Timeout"), DEFAULT_TIMEOUT)
     start_period = _seconds(hc.get("StartPeriod"), 0.0)
     start_interval = _seconds(hc.get("StartInterval"), interval)
     retries = int(hc.get("Retries") or DEFAULT_RETRIES)
     loop = asyncio.get_running_loop()
-    started = loop.time()
+    started = loop.time() - running_for
     try:
         while True:
             in_start = loop.time() - started < start_period

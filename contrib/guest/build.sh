@@ -192,6 +192,20 @@ def visit(n, chain=()):
 for w in want:
     visit(w)
 
+SIG_MAGIC = b"~Module signature appended~\n"
+
+def strip_signature(path):
+    """Drop Debian's module signature: the guest's kernel does not enforce
+    signatures, and checking them (sha256 + RSA under TCG) slows every boot."""
+    data = open(path, "rb").read()
+    if not data.endswith(SIG_MAGIC):
+        return
+    # struct module_signature (12 bytes) ends with the big-endian signature length.
+    info = data[-len(SIG_MAGIC) - 12 : -len(SIG_MAGIC)]
+    sig_len = int.from_bytes(info[8:12], "big")
+    with open(path, "wb") as f:
+        f.write(data[: len(data) - len(SIG_MAGIC) - 12 - sig_len])
+
 with open(os.path.join(dest, "order"), "w") as fo:
     for n in order:
         src = os.path.join(moddir, paths[n])
@@ -207,6 +221,7 @@ with open(os.path.join(dest, "order"), "w") as fo:
                 subprocess.run(["gzip", "-dc", src], stdout=o, check=True)
         else:
             shutil.copyfile(src, out)
+        strip_signature(out)
         fo.write(n + ".ko\n")
         print(f"  {n}.ko", file=sys.stderr)
 EOF

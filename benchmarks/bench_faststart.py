@@ -9,6 +9,8 @@ docker CLI:
 
 * ``docker run --rm busybox true`` and ``docker run --rm busybox echo hi``: N runs each,
   median/min/max;
+* ``docker run --rm -v DIR:/d:ro busybox cat /d/hi``: a host bind mount (virtio-9p on vicd,
+  restored from the template like any other start), N runs;
 * ``docker run -d busybox sleep 600`` followed by the first ``docker exec c true``: from the
   start of the run command until the exec returns (N rounds);
 * K containers at once: K × ``docker run -d busybox sleep 600`` in parallel, wall time until
@@ -60,12 +62,15 @@ TPL, COLD, REF = "vicd-tpl", "vicd-cold", "dockerd"
 RATIOS = [("tpl/dockerd", TPL, REF), ("cold/dockerd", COLD, REF), ("tpl/cold", TPL, COLD)]
 
 
-def run_rm(d: Daemon, *cmd: str) -> float:
+def run_rm(d: Daemon, *cmd: str, opts: Sequence[str] = (), expect: bytes | None = None
+           ) -> float:
     t0 = time.perf_counter()
-    r = d.docker("run", "--rm", *d.net, "busybox", *cmd)
+    r = d.docker("run", "--rm", *d.net, *opts, "busybox", *cmd)
     dt = time.perf_counter() - t0
-    if cmd[0] == "echo" and r.stdout != (" ".join(cmd[1:]) + "\n").encode():
-        raise RuntimeError(f"[{d.name}] echo printed {r.stdout!r}")
+    if cmd[0] == "echo":
+        expect = (" ".join(cmd[1:]) + "\n").encode()
+    if expect is not None and r.stdout != expect:
+        raise RuntimeError(f"[{d.name}] {cmd[0]} printed {r.stdout!r}")
     return dt
 
 
@@ -183,6 +188,11 @@ def main() -> int:
             print(f"run --rm true / echo hi, run -d + exec: {a.runs} rounds ...", file=sys.stderr)
             true = interleave(daemons, a.runs, lambda d, i: run_rm(d, "true"))
             echo = interleave(daemons, a.runs, lambda d, i: run_rm(d, "echo", "hi"))
+            bind = work / "bind"
+            bind.mkdir()
+            (bind / "hi").write_text("hi\n")
+            binds = interleave(daemons, a.runs, lambda d, i: run_rm(
+                d, "cat", "/d/hi", opts=("-v", f"{bind}:/d:ro"), expect=b"hi\n"))
             execs = interleave(daemons, a.runs, run_then_exec)
 
             print(f"{a.count} at once: {a.batches} batches ...", file=sys.stderr)
@@ -200,6 +210,7 @@ def main() -> int:
     rows: list[Row] = [("run --rm busybox true, first on a fresh daemon", first, fmt_s)]
     rows += stat_rows("run --rm busybox true", true, fmt_s)
     rows += stat_rows("run --rm busybox echo hi", echo, fmt_s)
+    rows += stat_rows("run --rm -v DIR:/d:ro busybox cat /d/hi", binds, fmt_s)
     rows += stat_rows("run -d sleep + first exec true", execs, fmt_s)
     rows += stat_rows(f"{k} x run -d at once, all running",
                       wall, fmt_s, ("median", "min", "max") if a.batches > 1 else ("median",))

@@ -318,3 +318,41 @@ def test_docker_compose_waits_for_a_healthy_service(vicd: Vicd, tmp_path: Path):
     finally:
         subprocess.run([*run, "down", "-v"], cwd=tmp_path, env=env, capture_output=True,
                        timeout=300)
+
+
+def test_a_connected_guest_announces_itself(vicd: Vicd, net: str):
+    """Gratuitous ARP from the guest when a slot comes up (after a restore or a
+    connect): captured on the network's bridge inside vicd's namespace."""
+    import socket
+    import struct
+
+    from vicd.plugins.microvm.bridge_driver import bridge_name
+    from vicd.plugins.microvm.netns import namespace_for
+
+    nid = json.loads(vicd.docker("network", "inspect", net).stdout)[0]["Id"]
+    ns = namespace_for(vicd.data_root)
+
+    def sniffer() -> socket.socket:
+        s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+        s.bind((bridge_name(nid), 0))
+        s.settimeout(1)
+        return s
+
+    sock = ns.run_inside(sniffer)
+    try:
+        vicd.docker("run", "-d", "--name", f"{net}-arp", "busybox", "sleep", "300")
+        vicd.docker("network", "connect", net, f"{net}-arp")
+        ip = vicd.inspect(f"{net}-arp")["NetworkSettings"]["Networks"][net]["IPAddress"]
+        want = socket.inet_aton(ip)
+        deadline = time.time() + 20
+        seen = False
+        while not seen and time.time() < deadline:
+            try:
+                frame = sock.recv(128)
+            except TimeoutError:
+                continue
+            op, spa, tpa = struct.unpack("!H", frame[20:22])[0], frame[28:32], frame[38:42]
+            seen = op == 1 and spa == want and tpa == want
+        assert seen
+    finally:
+        sock.close()

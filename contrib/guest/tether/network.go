@@ -207,6 +207,13 @@ func configureNIC(fd int, nic netIface) error {
 	if err := ifUp(fd, nic.Name); err != nil {
 		return err
 	}
+	if nic.Slot > 0 {
+		// A restored clone or a re-plumbed slot: tell the network's bridge and
+		// neighbours where this address now lives.
+		if err := announce(nic.Name, ip); err != nil {
+			logf("%s: gratuitous ARP: %v", nic.Name, err)
+		}
+	}
 	if nic.Gateway != "" {
 		gw := net.ParseIP(nic.Gateway)
 		if gw == nil {
@@ -225,6 +232,42 @@ func configureNIC(fd int, nic netIface) error {
 	}
 	return nil
 }
+
+// announce sends a gratuitous ARP request (sender and target both ip) from
+// the interface: switches learn its MAC, peers refresh their caches.
+func announce(name string, ip net.IP) error {
+	iface, err := net.InterfaceByName(name)
+	if err != nil {
+		return err
+	}
+	ip4 := ip.To4()
+	if ip4 == nil || len(iface.HardwareAddr) != 6 {
+		return fmt.Errorf("not an IPv4 Ethernet NIC")
+	}
+	const ethPArp = 0x0806
+	fd, err := syscall.Socket(syscall.AF_PACKET, syscall.SOCK_RAW, int(htons(ethPArp)))
+	if err != nil {
+		return err
+	}
+	defer syscall.Close(fd)
+	frame := make([]byte, 42)
+	copy(frame[0:6], []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
+	copy(frame[6:12], iface.HardwareAddr)
+	binary.BigEndian.PutUint16(frame[12:14], ethPArp)
+	arp := frame[14:]
+	binary.BigEndian.PutUint16(arp[0:2], 1)      // Ethernet
+	binary.BigEndian.PutUint16(arp[2:4], 0x0800) // IPv4
+	arp[4], arp[5] = 6, 4
+	binary.BigEndian.PutUint16(arp[6:8], 1) // request
+	copy(arp[8:14], iface.HardwareAddr)
+	copy(arp[14:18], ip4)
+	copy(arp[24:28], ip4) // target hardware address stays zero
+	to := &syscall.SockaddrLinklayer{Protocol: htons(ethPArp), Ifindex: iface.Index, Halen: 6}
+	copy(to.Addr[:], []byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff})
+	return syscall.Sendto(fd, frame, 0, to)
+}
+
+func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
 // ifDown takes a NIC down and removes its IPv4 address (and with it the
 // subnet's route): a disconnected network is gone from the container.

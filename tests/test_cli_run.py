@@ -333,5 +333,14 @@ def test_stats_streams_with_the_stock_cli(vicd: Vicd):
         # after the first row (no previous sample yet) the busy loop shows
         assert any(float(cpu) > 10 for cpu, _, _ in rows[1:])
         assert all(float(used) > 0 and int(pids) >= 1 for _, used, pids in rows)
+        # Without names: every running container, and one started meanwhile (events).
+        env = {**os.environ, "DOCKER_HOST": vicd.host}
+        with subprocess.Popen(["timeout", "-s", "INT", "-k", "2", "15", DOCKER, "stats",
+                               "--format", "{{.Name}} {{.MemUsage}}"],
+                              stdout=subprocess.PIPE, text=True, env=env) as p:
+            time.sleep(3)
+            vicd.docker("run", "-d", "--name", "st2", "busybox", "sleep", "300")
+            out = p.communicate(timeout=60)[0]
+        assert re.search(r"st [\d.]+MiB", out) and re.search(r"st2 [\d.]+MiB", out), out[-2000:]
     finally:
-        vicd.docker("rm", "-f", "st")
+        vicd.docker("rm", "-f", "st", "st2", check=False)

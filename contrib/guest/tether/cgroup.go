@@ -46,13 +46,23 @@ func setupCgroup() error {
 	return syscall.Mount("", target, "", syscall.MS_REMOUNT|syscall.MS_BIND|syscall.MS_RDONLY|syscall.MS_NOSUID|syscall.MS_NODEV|syscall.MS_NOEXEC, "")
 }
 
-// joinCgroup moves a process the tether just started into the container's
-// group. (Go 1.19's ForkExec cannot start it there: what the process does
-// before this write is not counted, a few instructions of the exec.)
-func joinCgroup(pid int) {
-	if err := os.WriteFile(cgroupDir+"/cgroup.procs", []byte(strconv.Itoa(pid)), 0); err != nil {
-		logf("cgroup: move %d: %v", pid, err)
+// inContainerCgroup runs fork (a ForkExec) with the tether itself in the
+// container's group, so the child is born there and nothing it forks can
+// escape (Go 1.19's ForkExec cannot start a child in another group), then
+// moves the tether back to the root group. Without the group (a held
+// guest, or a failed setup) fork just runs.
+func inContainerCgroup(fork func()) {
+	self := []byte(strconv.Itoa(os.Getpid()))
+	if err := os.WriteFile(cgroupDir+"/cgroup.procs", self, 0); err != nil {
+		fork()
+		return
 	}
+	defer func() {
+		if err := os.WriteFile(cgroupRoot+"/cgroup.procs", self, 0); err != nil {
+			logf("cgroup: back to the root group: %v", err)
+		}
+	}()
+	fork()
 }
 
 // setCPUMax writes the container's CPU quota (docker run/update --cpus,

@@ -135,9 +135,11 @@ func (t *tether) start(ch uint32, s spec) (int, error) {
 	}
 
 	t.mu.Lock()
-	pid, err := syscall.ForkExec(argv0, s.args, &syscall.ProcAttr{Dir: cwd, Env: env, Files: files, Sys: sys})
+	var pid int
+	inContainerCgroup(func() {
+		pid, err = syscall.ForkExec(argv0, s.args, &syscall.ProcAttr{Dir: cwd, Env: env, Files: files, Sys: sys})
+	})
 	if err == nil {
-		joinCgroup(pid)
 		p.pid = pid
 		t.byPid[pid] = p
 		t.procs[ch] = p

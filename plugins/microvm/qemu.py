@@ -192,12 +192,15 @@ def ninep_args(exports: list[tuple[str, Path, bool]]) -> list[str]:
     """One virtio-9p device per (mount tag, host folder, read-only).
 
     passthrough: QEMU (root) creates files with the guest's owners and modes,
-    so the host sees what dockerd would leave there. Only the device and its
-    tag are part of a snapshot; the folder is given anew at each restore.
+    so the host sees what dockerd would leave there; multidevs=remap keeps
+    inode numbers unique when the folder spans several filesystems (-v /:/h).
+    Only the device and its tag are part of a snapshot; the folder is given
+    anew at each restore.
     """
     argv = []
     for i, (tag, path, ro) in enumerate(exports):
-        fsdev = f"local,id=fs{i},path={str(path).replace(',', ',,')},security_model=passthrough"
+        fsdev = (f"local,id=fs{i},path={str(path).replace(',', ',,')},"
+                 "security_model=passthrough,multidevs=remap")
         if ro:
             fsdev += ",readonly=on"
         argv += ["-fsdev", fsdev, "-device", f"virtio-9p-device,fsdev=fs{i},mount_tag={tag}"]

@@ -40,6 +40,7 @@ def test_update_resources(vicd: Vicd):
         r = vicd.docker("update", "--cpus", "2", name, check=False)
         assert r.returncode != 0
         assert "CPU limit of 2 CPUs is more than the 1 vCPU(s) its VM booted with" in r.stderr
+        assert vicd.inspect(name)["HostConfig"]["NanoCpus"] == 0  # nothing stored
         r = vicd.docker("update", "--cpuset-cpus", "0", name, check=False)
         assert r.returncode != 0 and "cpus of a running container cannot change" in r.stderr
         vicd.docker("stop", "-t", "0", name)

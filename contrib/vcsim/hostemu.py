@@ -3,9 +3,10 @@
 vcsim only keeps inventory. This watches it (PropertyCollector, like the
 daemon) and, for every container VM (extraConfig ``vicd.id``) powered on,
 boots the same microVM the embedded backend uses (plugins/microvm/qemu.py:
-the guest from .cache/guest, the container's disk as a qcow2 overlay over
-the image's VMDK uploaded to the datastore, ``vicd.image_vmdk``; else
-the daemon's local ext4, ``vicd.image_disk``; then the VM's
+the guest from .cache/guest, the VM's root disk: its child disk of the
+image's VMDK uploaded to the datastore (made a real delta VMDK on first
+boot; without one, a qcow2 overlay over the daemon's local ext4,
+``vicd.image_disk``); then the VM's
 independent-persistent disks, docker volumes, straight from the datastore
 files). The guest's channel connects
 where the VM's VirtualSerialPort URI points (``tcp://host:port``, QEMU as
@@ -39,7 +40,7 @@ from pyVmomi import vim
 from vicd.plugins.microvm.qemu import QemuProcess, VMFiles, build_cmdline
 from vicd.plugins.microvm.qmp import QMP, QMPError
 from vicd.plugins.vsphere.client import VimClient
-from vicd.plugins.vsphere.disks import volume_disks
+from vicd.plugins.vsphere.disks import root_disk, volume_disks
 from vicd.plugins.vsphere.settings import VSphereSettings
 from vicd.plugins.vsphere.view import PROPS, FolderView, VMState
 
@@ -174,23 +175,27 @@ class HostEmu:
             st = self.view.vms.get(moid, st)  # the newest picture, not the event's
         files = VMFiles(self.work / moid)
         files.dir.mkdir(parents=True, exist_ok=True)
-        # The base disk: the VMDK uploaded to the datastore, as on ESXi; else the
-        # daemon's local copy of the image.
-        image, fmt = st.extra.get("vicd.image_disk", ""), "raw"
-        vmdk = st.extra.get("vicd.image_vmdk", "")
-        if vmdk:
-            local = await asyncio.to_thread(self._datastore_file, vmdk)
-            if local is not None and local.exists():
-                image, fmt = str(local), "vmdk"
-        if not files.root_disk.exists():
-            r = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", fmt, "-b",
-                                image, str(files.root_disk)], capture_output=True, text=True)
-            if r.returncode != 0:
-                log.error("hostemu: %s: cannot make the disk: %s", moid, r.stderr.strip())
+        devices = st.raw.get("config.hardware.device") or []
+        if st.extra.get("vicd.image_vmdk"):
+            # The root disk: the VM's child disk of the image's base disk, both on
+            # the datastore. ESXi would see it hot-added to a running instant
+            # clone; QEMU's microvm cannot hot-add, so the boot waits for it.
+            root = await asyncio.to_thread(self._root_disk, moid, devices)
+            if root is None:
                 return False
+        else:
+            # A daemon without a datastore disk: an overlay of its local ext4.
+            root = (files.root_disk, "qcow2", False)
+            if not files.root_disk.exists():
+                r = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
+                                    "-b", st.extra.get("vicd.image_disk", ""),
+                                    str(files.root_disk)], capture_output=True, text=True)
+                if r.returncode != 0:
+                    log.error("hostemu: %s: cannot make the disk: %s", moid, r.stderr.strip())
+                    return False
         # Volume disks (independent-persistent VMDKs on the datastore) follow
         # the root disk, in unit-number order: vdb, vdc, ... in the guest.
-        disks = [(files.root_disk, "qcow2", False)]
+        disks = [root]
         for d in volume_disks(st.raw.get("config.hardware.device") or []):
             local = await asyncio.to_thread(self._datastore_file, d.backing.fileName)
             if local is None or not local.exists():
@@ -252,6 +257,27 @@ class HostEmu:
             log.info("hostemu: power off %s: %s", moid, type(e).__name__)
         self._reconcile(moid)
         return True
+
+    def _root_disk(self, moid: str, devices: Any) -> tuple[Path, str, bool] | None:
+        """The child disk's file, made a real delta VMDK over the image's base
+        the first time (the simulator creates an empty file, as for any new disk)."""
+        disk = root_disk(devices)
+        if disk is None:
+            return None  # not attached yet
+        child = self._datastore_file(disk.backing.fileName)
+        parent = self._datastore_file(disk.backing.parent.fileName)
+        if child is None or parent is None or not parent.exists():
+            log.error("hostemu: %s: root disk %s or its parent missing", moid,
+                      disk.backing.fileName)
+            return None
+        if not child.exists() or child.stat().st_size == 0:
+            r = subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", "-F", "vmdk", "-b",
+                                str(parent), str(child)], capture_output=True, text=True)
+            if r.returncode != 0:
+                log.error("hostemu: %s: cannot make the child disk: %s", moid,
+                          r.stderr.strip())
+                return None
+        return (child, "vmdk", False)
 
     def _datastore_file(self, ds_path: str) -> Path | None:
         """``[ds] path`` to a local file: vcsim's datastores are local directories."""

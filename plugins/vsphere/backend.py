@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pyVmomi import vim, vmodl
@@ -52,6 +52,7 @@ from vicd.plugins.vsphere.disks import (
     attach_changes,
     detach_changes,
     guest_mounts,
+    root_disk_change,
     volume_disks,
 )
 from vicd.plugins.vsphere.nics import NIC_SLOTS, NicPlugger, nic_slots_of
@@ -85,6 +86,8 @@ class Infra:
     snapshot: Any
     serial_key: int
     nic: Any
+    # The template's devices, which clones start from (free SCSI units).
+    devices: list[Any] = field(default_factory=list)
 
 
 def record_chunks(record: dict[str, Any]) -> dict[str, str]:
@@ -331,7 +334,7 @@ class VSphereBackend:
                 "vicd-base", "base of vicd's linked clones", False, False))
             snapshot = c.wait_task(task)
         return Infra(gen, dc, vm_folder, folder, pool, datastore, ds_name, network, template,
-                     snapshot, serial_key, nic)
+                     snapshot, serial_key, nic, devices=list(devices))
 
     def _ensure_child(self, parent: Any, name: str, create: Callable[[], Any]) -> Any:
         found = self.client.find_child(parent, name)
@@ -414,9 +417,14 @@ class VSphereBackend:
             return st.moid  # a retried create: the VM is there already
         name = self.vm_name(spec)
         extra = self._extra(spec)
+        disk_changes = []
         if infra.ds_name:
-            extra["vicd.image_vmdk"] = self.files.ensure_image(
+            # The image's base disk, uploaded once; the VM gets a child disk of
+            # it of its own, its root disk (the container's writes).
+            image_vmdk = self.files.ensure_image(
                 spec.image_id, spec.image_disk, self.settings.datacenter, infra.ds_name)
+            extra["vicd.image_vmdk"] = image_vmdk
+            disk_changes = [root_disk_change(infra.devices, image_vmdk, infra.ds_name)]
         # An instant clone runs from birth; a container with volumes boots cold
         # with its disks attached at start anyway (see _attach_volumes), so it
         # gets a powered-off linked clone and no power cycle.
@@ -431,8 +439,10 @@ class VSphereBackend:
                 vm = self._clone(infra, name, spec.container_id,
                                  lambda: parent.InstantClone_Task(spec=ic))
                 self.instant = True
-                # Instant clones inherit the parent's configuration: name the container.
-                self._reconfig(vm, vim.vm.ConfigSpec(annotation=self._annotation(spec)))
+                # Instant clones inherit the parent's configuration: name the
+                # container; its root disk is hot-added (the tether mounts it at run).
+                self._reconfig(vm, vim.vm.ConfigSpec(annotation=self._annotation(spec),
+                                                     deviceChange=disk_changes))
                 self.powered_on.add(vm._moId)  # an instant clone runs from birth
                 return vm._moId
             except NO_INSTANT_CLONE as e:
@@ -449,7 +459,7 @@ class VSphereBackend:
                 numCPUs=spec.cpus, memoryMB=spec.memory_mb,
                 annotation=self._annotation(spec),
                 extraConfig=[vim.option.OptionValue(key=k, value=v) for k, v in extra.items()],
-                deviceChange=self._device_changes(infra)))
+                deviceChange=self._device_changes(infra) + disk_changes))
         vm = self._clone(infra, name, spec.container_id,
                          lambda: infra.template.CloneVM_Task(folder=infra.folder, name=name,
                                                              spec=cs))

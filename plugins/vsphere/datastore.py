@@ -4,9 +4,10 @@ Each image's ext4 disk is converted once to a sparse VMDK (only allocated
 grains: a few MB for busybox) and uploaded with ``PUT /folder/<path>?dcPath=
 &dsName=`` under ``vicd-images/`` on the datastore, authenticated by the SOAP
 session's cookie. The container VM names it in extraConfig
-(``vicd.image_vmdk``); the host emulation boots from it. On ESXi the disk
-would still have to be attached to the clone (after a CopyVirtualDisk to an
-ESXi-native format), which vicd does not do yet.
+(``vicd.image_vmdk``) and gets a child disk of it as its root disk
+(``disks.root_disk_change``). On ESXi the sparse upload would first be copied
+to a VMFS disk (CopyVirtualDisk_Task, docs/vsphere.md). Small files (volume
+records) are read and written here too.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""The disks of a container VM: docker volumes (VMDKs on a datastore) attached
-as independent-persistent disks, and detached again, with ``ReconfigVM_Task``.
+"""The disks of a container VM: its root, a child disk of the image's base
+disk; docker volumes (VMDKs on a datastore) attached as independent-persistent
+disks, and detached again, with ``ReconfigVM_Task``.
 
 Independent-persistent disks are left out of snapshots, so an instant clone
 or a linked clone never captures a volume, and detaching (a ``remove``
@@ -69,6 +70,33 @@ def attach_changes(devices: list[Any], disks: list[DiskSpec]) -> list[Any]:
                 fileName=str(d.path), diskMode=VOLUME_MODE, thinProvisioned=True))
         changes.append(vim.vm.device.VirtualDeviceSpec(operation=op.add, device=disk))
     return changes
+
+
+def root_disk_change(devices: list[Any], image_vmdk: str, datastore: str) -> Any:
+    """A new child (delta) disk of the image's base disk: the container's root,
+    its writes its own, the base shared by every container of the image. An
+    empty file name puts it in the VM's folder."""
+    ctl = scsi_controller(devices)
+    used = {d.unitNumber for d in devices if d.controllerKey == ctl.key}
+    unit = next(u for u in UNITS if u not in used)
+    disk = vim.vm.device.VirtualDisk(
+        key=-99, controllerKey=ctl.key, unitNumber=unit,
+        backing=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+            fileName=f"[{datastore}]", diskMode="persistent", thinProvisioned=True,
+            parent=vim.vm.device.VirtualDisk.FlatVer2BackingInfo(
+                fileName=image_vmdk, diskMode="persistent")))
+    return vim.vm.device.VirtualDeviceSpec(operation=op.add, fileOperation="create",
+                                           device=disk)
+
+
+def root_disk(devices: list[Any]) -> Any:
+    """The VM's child disk of an image (``root_disk_change``), if any."""
+    for d in devices:
+        if (isinstance(d, vim.vm.device.VirtualDisk)
+                and getattr(d.backing, "parent", None) is not None
+                and "vicd-images/" in (d.backing.parent.fileName or "")):
+            return d
+    return None
 
 
 def guest_mounts(disks: list[DiskSpec]) -> list[dict[str, Any]]:

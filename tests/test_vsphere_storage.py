@@ -1,15 +1,21 @@
-"""The ``vmdk`` volume driver on ``--backend vsphere``, end to end: the stock
-docker CLI, vicd, real SOAP to govmomi's simulator (CreateVirtualDisk_Task,
-ReconfigVM_Task, SearchDatastore_Task), the datastore's HTTP /folder for the
-volume records, and the host emulation attaching the VMDK files to the
-microVM, whose tether makes the ext4 and mounts it."""
+"""Disks on ``--backend vsphere``, end to end: the stock docker CLI, vicd, real
+SOAP to govmomi's simulator (CreateVirtualDisk_Task, ReconfigVM_Task,
+SearchDatastore_Task), the datastore's HTTP /folder, and the host emulation
+booting the microVM from the VM's disks as files on the datastore.
+
+- the image's base disk on the datastore, a child disk of it per container
+  as its root;
+- the ``vmdk`` volume driver: a VMDK per volume, attached
+  independent-persistent, its ext4 made by the tether on first use."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import shutil
 import socket
+import subprocess
 from pathlib import Path
 
 from vcsim_fixture import VSphereEnv, vsphere_fixture  # noqa: F401
@@ -127,3 +133,51 @@ def test_volumes_listed_from_vcenter_after_restart_with_empty_data_root(
     files = datastore_dir(vsphere) / "vicd" / "volumes"
     assert not (files / "vkeep.vmdk").exists() and not (files / "vkeep.json").exists()
     assert "vkeep" not in volumes(vsphere)
+
+
+def _put_file_in_ext4_vmdk(vmdk: Path, name: str, data: bytes, work: Path) -> None:
+    """Write ``/name`` into the ext4 inside a sparse VMDK (debugfs, no mount)."""
+    raw, src, tmp = work / "disk.raw", work / "payload", vmdk.with_suffix(".tmp")
+    src.write_bytes(data)
+    subprocess.run(["qemu-img", "convert", "-q", "-O", "raw", str(vmdk), str(raw)], check=True)
+    subprocess.run(["debugfs", "-w", "-R", f"write {src} {name}", str(raw)], check=True,
+                   capture_output=True)
+    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "vmdk", "-o",
+                    "subformat=monolithicSparse", str(raw), str(tmp)], check=True)
+    os.replace(tmp, vmdk)
+
+
+def test_root_disk_is_a_child_of_the_image_disk_on_the_datastore(
+        vsphere: VSphereEnv, tmp_path: Path) -> None:
+    from pyVmomi import vim
+
+    d = vsphere.vicd
+    image = d.docker("image", "inspect", "busybox", "--format", "{{.Id}}").stdout.strip()
+    d.docker("run", "--rm", "busybox", "true")  # uploads the base disk if not yet there
+    base = datastore_dir(vsphere) / "vicd-images" / f"{image.split(':')[-1]}.vmdk"
+    assert base.is_file()
+    # A file only the datastore's copy of the image has: containers see it, so
+    # their root is that disk (not the daemon's local ext4).
+    _put_file_in_ext4_vmdk(base, "from-datastore", b"on the datastore\n", tmp_path)
+    http_calls = int(vsphere.backend_info()["datastore_http_calls"])
+    r = d.docker("run", "--rm", "busybox", "cat", "/from-datastore")
+    assert r.stdout == "on the datastore\n"
+    assert int(vsphere.backend_info()["datastore_http_calls"]) == http_calls  # uploaded once
+
+    # Each container writes into a child disk of its own, kept over stop/start.
+    d.docker("run", "-d", "--name", "ra", "busybox", "sh", "-c", "echo a > /only-a; sleep 300")
+    r = d.docker("run", "--rm", "busybox", "ls", "/only-a", check=False)
+    assert r.returncode != 0
+    vm = vsphere.admin().vm("ra")
+    roots = [dev for dev in vm.config.hardware.device
+             if isinstance(dev, vim.vm.device.VirtualDisk) and dev.backing.parent]
+    assert len(roots) == 1
+    assert roots[0].backing.parent.fileName == f"[LocalDS_0] vicd-images/{base.name}"
+    child = datastore_dir(vsphere) / roots[0].backing.fileName.partition("] ")[2]
+    info = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(child)],
+                                     capture_output=True, check=True).stdout)
+    assert info["format"] == "vmdk" and info["backing-filename"] == str(base)
+    d.docker("stop", "-t", "1", "ra")
+    d.docker("start", "ra")
+    assert d.docker("exec", "ra", "cat", "/only-a").stdout == "a\n"
+    d.docker("rm", "-f", "ra")

@@ -12,16 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from vcsim_fixture import PASSWORD, VSphereEnv, make_env, vsphere_fixture  # noqa: F401
-
-
-def wait_until(pred, timeout: float = 30, what: str = "condition") -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+from vcsim_fixture import (  # noqa: F401
+    PASSWORD,
+    VSphereEnv,
+    make_env,
+    vsphere_fixture,
+    wait_until,
+)
 
 
 def _tar(files: dict[str, bytes]) -> bytes:

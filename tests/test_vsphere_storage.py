@@ -18,7 +18,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from vcsim_fixture import VSphereEnv, vsphere_fixture  # noqa: F401
+from vcsim_fixture import VSphereEnv, vsphere_fixture, wait_until  # noqa: F401
 
 
 def api_status(env: VSphereEnv, method: str, path: str) -> tuple[int, dict]:
@@ -181,3 +181,47 @@ def test_root_disk_is_a_child_of_the_image_disk_on_the_datastore(
     d.docker("start", "ra")
     assert d.docker("exec", "ra", "cat", "/only-a").stdout == "a\n"
     d.docker("rm", "-f", "ra")
+
+
+def _tar(files: dict[str, bytes]) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_cp_with_a_stopped_container(vsphere: VSphereEnv) -> None:
+    # The container's VM boots held (no process) for the copy, then powers off.
+    d = vsphere.vicd
+    d.docker("create", "--name", "cpnew", "busybox", "cat", "/tmp/in.txt")
+    d.docker("cp", "-", "cpnew:/tmp", input=_tar({"in.txt": b"copied while stopped\n"}))
+    assert d.inspect("cpnew")["State"]["Status"] == "created"
+    off = {"poweredOff"}
+    wait_until(lambda: vsphere.admin().vm("cpnew").runtime.powerState in off, what="held VM off")
+    assert d.docker("start", "-a", "cpnew").stdout == "copied while stopped\n"
+    # Out of an exited container, from its root disk and from a vmdk volume.
+    d.docker("volume", "create", "-d", "vmdk", "vcp")
+    d.docker("run", "--name", "cpexit", "-v", "vcp:/data", "busybox", "sh", "-c",
+             "echo result > /result; echo in-volume > /data/v")
+    assert "result" in d.docker("cp", "cpexit:/result", "-").stdout
+    assert "in-volume" in d.docker("cp", "cpexit:/data/v", "-").stdout
+    wait_until(lambda: vsphere.admin().vm("cpexit").runtime.powerState in off, what="VM off")
+    vm = vsphere.admin().vm("cpexit")
+    assert not [dev for dev in vm.config.hardware.device
+                if getattr(dev.backing, "diskMode", "") == "independent_persistent"]
+    d.docker("rm", "cpnew", "cpexit")
+    d.docker("volume", "rm", "vcp")
+
+
+def test_published_ports_are_refused_clearly(vsphere: VSphereEnv) -> None:
+    d = vsphere.vicd
+    r = d.docker("run", "--rm", "--name", "webp", "-p", "8080:80", "busybox", "true", check=False)
+    assert r.returncode != 0 and "does not publish ports" in r.stderr
+    assert "webp" not in d.docker("ps", "-a", "--format", "{{.Names}}").stdout
+    assert not [n for n in vsphere.admin().vms() if n.startswith("webp-")]

@@ -28,6 +28,15 @@ VCSIM = REPO / ".cache" / "vcsim" / "vcsim"
 USER, PASSWORD = "vicd-admin", "s3cr3t-Pa55"
 
 
+def wait_until(pred, timeout: float = 30, what: str = "condition") -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -175,7 +175,11 @@ class HostEmu:
             st = self.view.vms.get(moid, st)  # the newest picture, not the event's
         files = VMFiles(self.work / moid)
         files.dir.mkdir(parents=True, exist_ok=True)
-        devices = st.raw.get("config.hardware.device") or []
+        # The VM's devices as they are now (ESXi knows its VM's configuration
+        # at power-on; the view may lag behind a reconfigure just before).
+        vm = vim.VirtualMachine(moid, self.client.si._stub)
+        devices = (await asyncio.to_thread(self.client.props, vm, ["config.hardware.device"])
+                   ).get("config.hardware.device") or []
         if st.extra.get("vicd.image_vmdk"):
             # The root disk: the VM's child disk of the image's base disk, both on
             # the datastore. ESXi would see it hot-added to a running instant
@@ -196,13 +200,13 @@ class HostEmu:
         # Volume disks (independent-persistent VMDKs on the datastore) follow
         # the root disk, in unit-number order: vdb, vdc, ... in the guest.
         disks = [root]
-        for d in volume_disks(st.raw.get("config.hardware.device") or []):
+        for d in volume_disks(devices):
             local = await asyncio.to_thread(self._datastore_file, d.backing.fileName)
             if local is None or not local.exists():
                 log.error("hostemu: %s: volume disk %s not found", moid, d.backing.fileName)
                 return False
             disks.append((local, "vmdk", False))
-        uri = _serial_uri(st.raw.get("config.hardware.device"))
+        uri = _serial_uri(devices)
         if not uri:
             log.warning("hostemu: %s has no network serial port (yet)", moid)
             return False
@@ -228,11 +232,12 @@ class HostEmu:
             for fd in taps:
                 os.close(fd)
         self.qemus[moid] = q
-        self.booted_disks[moid] = _volume_files(st)
+        self.booted_disks[moid] = tuple(d.backing.fileName for d in volume_disks(devices))
         self.booting.discard(moid)
         self.stopping.discard(moid)
         self.paused.discard(moid)
-        log.info("hostemu: %s (%s) booted, pid %d, serial %s", moid, st.name, q.pid, uri)
+        log.info("hostemu: %s (%s) booted, pid %d, serial %s, disks %s", moid, st.name, q.pid,
+                 uri, " ".join(str(p) for p, _, _ in disks))
         self._reconcile(moid)  # vNICs the VM has already: on their bridges
         await q.wait()
         self.qemus.pop(moid, None)

@@ -153,8 +153,29 @@ class VSphereVM(TetherGuest):
                                 {slot})
 
     async def kill(self) -> None:
-        self._killed = True
-        await self.backend.power(self.moid, "off")
+        """SIGKILL the container's process; the guest then syncs its disks and
+        powers off (``wait``), so a stop that timed out loses no write still in
+        the guest's page cache. A guest that does not answer is powered off."""
+        try:
+            await asyncio.wait_for(self.main.signal(9), 5)
+        except (TetherError, TimeoutError, OSError) as e:
+            log.warning("container %s: SIGKILL not delivered (%s); powering the VM off",
+                        self.cid[:12], e)
+            self._killed = True
+            await self.backend.power(self.moid, "off")
+
+    async def power_off(self) -> None:
+        """End a VM started with ``hold`` (a stopped container's files for docker
+        cp, export, diff): the guest syncs, unmounts and ends, the VM is off."""
+        with contextlib.suppress(Exception):
+            self.conn.send_ctrl({"op": "poweroff"})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.off), 15)
+        await self.backend.ensure_off(self.moid)
+        if self.volumes:
+            await self.backend.reconfigure_off(self.moid, detach=True)
+        await self.conn.close()
+        self.backend.vms.pop(self.cid, None)
 
     async def wait(self) -> int:
         code = await self.main.wait()
@@ -174,6 +195,8 @@ class VSphereVM(TetherGuest):
                     log.warning("container %s: guest did not power off; powering off",
                                 self.cid[:12])
                     await self.backend.power(self.moid, "off")
+            if self.volumes:
+                await self.backend.ensure_off(self.moid)  # before the disks come off
             if not self.ephemeral:
                 await self.backend.note_exit(self.moid, code, detach=self.volumes)
         elif self.volumes:
@@ -186,6 +209,9 @@ class VSphereVM(TetherGuest):
 class VSphereBackend:
     name = "vsphere"
     nic_slots = NIC_SLOTS  # vSphere hot-adds NICs: every slot is usable live
+    # VMSpec.hold is honoured: a stopped container's files (docker cp, export,
+    # diff) are served by its VM started without the container's process.
+    supports_hold = True
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -391,6 +417,7 @@ class VSphereBackend:
                 f"image {spec.record.get('image_ref') or ''} ({spec.image_id})")
 
     async def create(self, spec: VMSpec) -> None:
+        _refuse_published_ports(spec)
         moid = await self._with_infra(lambda infra: self._create_sync(infra, spec))
         self.moids[spec.container_id] = moid
 
@@ -545,13 +572,38 @@ class VSphereBackend:
                     raise VSphereError("vsphere: the container's VM no longer exists") from None
         await asyncio.to_thread(run)
 
+    async def ensure_off(self, moid: str, timeout: float = 15) -> None:
+        """Wait (reading the power state itself: the view may report a stale
+        power-off) until the guest has powered the VM off; then power it off."""
+        def run() -> bool:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    state = self.client.props(self._vm(moid), ["runtime.powerState"]).get(
+                        "runtime.powerState")
+                except vmodl.fault.ManagedObjectNotFound:
+                    return True
+                if state == OFF:
+                    return True
+                time.sleep(0.5)
+            log.warning("vsphere: VM %s did not power off; powering it off", moid)
+            return False
+        if not await asyncio.to_thread(run):
+            await self.power(moid, "off")
+
     async def note_exit(self, moid: str, code: int, detach: bool = False) -> None:
         """Keep the exit code with the VM, for a daemon that recovers from vCenter;
         with ``detach``, take the volume disks off the VM (powered off) in the same
         reconfigure."""
-        spec = vim.vm.ConfigSpec(extraConfig=[
-            vim.option.OptionValue(key="vicd.exit_code", value=str(code)),
-            vim.option.OptionValue(key="vicd.finished_at", value=_rfc3339(time.time()))])
+        await self.reconfigure_off(moid, detach, extra={
+            "vicd.exit_code": str(code), "vicd.finished_at": _rfc3339(time.time())})
+
+    async def reconfigure_off(self, moid: str, detach: bool,
+                              extra: dict[str, str] | None = None) -> None:
+        """One ReconfigVM_Task on a VM that is off: extraConfig values and/or the
+        volume disks taken off (their files stay)."""
+        spec = vim.vm.ConfigSpec(extraConfig=[vim.option.OptionValue(key=k, value=v)
+                                              for k, v in (extra or {}).items()])
 
         def run() -> None:
             vm = self._vm(moid)
@@ -564,7 +616,7 @@ class VSphereBackend:
         try:
             await asyncio.to_thread(run)
         except (vmodl.MethodFault, VSphereError, *CONNECTION_ERRORS) as e:
-            log.warning("vsphere: cannot record the exit code on the VM: %s", fault_message(e))
+            log.warning("vsphere: cannot reconfigure the stopped VM: %s", fault_message(e))
 
     # --- start ------------------------------------------------------------------------------
 
@@ -639,7 +691,8 @@ class VSphereBackend:
                   "mounts": guest_mounts(spec.disks) + [
                       {"device": "tmpfs", "fstype": "tmpfs", "target": target, "options": opts}
                       for target, opts in spec.tmpfs],
-                  **process_fields(spec.process)}
+                  **process_fields(spec.process),
+                  "hold": spec.hold}
         try:
             reply = await conn.request("run", config=config, timeout=30)
         except TetherError as e:
@@ -778,6 +831,19 @@ class VSphereBackend:
         if kind == "leave" and cid not in self.removing and self.removed_callback:
             log.info("container %s: its VM was destroyed outside vicd", cid[:12])
             asyncio.ensure_future(self.removed_callback(cid))
+
+
+def _refuse_published_ports(spec: VMSpec) -> None:
+    """-p/-P ask the daemon's host to forward its ports; on vSphere the
+    container is a VM with an address of its own on the port group, where its
+    ports are reachable as they are (docs/vsphere.md, "Ports")."""
+    hc = spec.record.get("host_config") or {}
+    exposed = (spec.record.get("config") or {}).get("ExposedPorts")
+    if any(hc.get("PortBindings") or {}) or (hc.get("PublishAllPorts") and exposed):
+        raise InvalidParameter(
+            "the vsphere backend does not publish ports (-p/-P): each container is a VM "
+            "with its own address on the port group, where its ports are reachable "
+            "directly; run it without -p")
 
 
 def _has_volumes(spec: VMSpec) -> bool:

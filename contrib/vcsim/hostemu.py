@@ -166,6 +166,9 @@ class HostEmu:
         try:
             if not await self._boot_vm(st):
                 self.booted_for.pop(moid, None)  # not ready (devices lag): the next event retries
+        except Exception:  # noqa: BLE001 - logged; the reconcile loop tries again
+            log.exception("hostemu: booting %s failed", moid)
+            self.booted_for.pop(moid, None)
         finally:
             self.booting.discard(moid)
 
@@ -177,9 +180,9 @@ class HostEmu:
         files.dir.mkdir(parents=True, exist_ok=True)
         # The VM's devices as they are now (ESXi knows its VM's configuration
         # at power-on; the view may lag behind a reconfigure just before).
-        vm = vim.VirtualMachine(moid, self.client.si._stub)
-        devices = (await asyncio.to_thread(self.client.props, vm, ["config.hardware.device"])
-                   ).get("config.hardware.device") or []
+        devices = await asyncio.to_thread(self._devices, moid)
+        if devices is None:
+            devices = st.raw.get("config.hardware.device") or []
         if st.extra.get("vicd.image_vmdk"):
             # The root disk: the VM's child disk of the image's base disk, both on
             # the datastore. ESXi would see it hot-added to a running instant
@@ -262,6 +265,12 @@ class HostEmu:
             log.info("hostemu: power off %s: %s", moid, type(e).__name__)
         self._reconcile(moid)
         return True
+
+    def _devices(self, moid: str) -> list[Any] | None:
+        """The VM's devices read now (None if it is gone)."""
+        vm = vim.VirtualMachine(moid, self.client.si._stub)
+        devices = self.client.props(vm, ["config.hardware.device"]).get("config.hardware.device")
+        return list(devices) if devices else None
 
     def _root_disk(self, moid: str, devices: Any) -> tuple[Path, str, bool] | None:
         """The child disk's file, made a real delta VMDK over the image's base

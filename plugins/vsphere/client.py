@@ -181,6 +181,11 @@ class VimClient:
         spec = pc.FilterSpec(objectSet=[pc.ObjectSpec(obj=obj)],
                              propSet=[pc.PropertySpec(type=type(obj), pathSet=paths)])
         res = self.call(lambda: self.content.propertyCollector.RetrieveContents([spec]))
+        if not res and self.call(lambda: self.content.sessionManager.currentSession) is None:
+            # govmomi's simulator answers an expired session with no objects
+            # rather than NotAuthenticated: log in again and ask once more.
+            self._relogin_until_ok()
+            res = self.call(lambda: self.content.propertyCollector.RetrieveContents([spec]))
         out: dict[str, Any] = {}
         for oc in res or []:
             for p in oc.propSet or []:

@@ -211,10 +211,13 @@ def test_cp_with_a_stopped_container(vsphere: VSphereEnv) -> None:
              "echo result > /result; echo in-volume > /data/v")
     assert "result" in d.docker("cp", "cpexit:/result", "-").stdout
     assert "in-volume" in d.docker("cp", "cpexit:/data/v", "-").stdout
-    wait_until(lambda: vsphere.admin().vm("cpexit").runtime.powerState in off, what="VM off")
-    vm = vsphere.admin().vm("cpexit")
-    assert not [dev for dev in vm.config.hardware.device
-                if getattr(dev.backing, "diskMode", "") == "independent_persistent"]
+    # The held VM ends after the copy's stream: off, its volume disk detached.
+    def released() -> bool:
+        vm = vsphere.admin().vm("cpexit")
+        return vm.runtime.powerState in off and not [
+            dev for dev in vm.config.hardware.device
+            if getattr(dev.backing, "diskMode", "") == "independent_persistent"]
+    wait_until(released, what="the held VM off and its volume detached")
     d.docker("rm", "cpnew", "cpexit")
     d.docker("volume", "rm", "vcp")
 

@@ -179,9 +179,11 @@ class VSphereVM(TetherGuest):
 
     async def wait(self) -> int:
         code = await self.main.wait()
-        gone = self.off.done()
         if self._killed or not self.main.channel.exit.done():
             code = 137
+        # The view may report a power-off late (a stale event from an earlier
+        # run): trust it only once the VM itself says so.
+        gone = self.off.done() and await self.backend.is_off(self.moid)
         if not gone:
             if self.ephemeral or self._killed:
                 await self.backend.power(self.moid, "off")  # nothing to flush
@@ -191,12 +193,7 @@ class VSphereVM(TetherGuest):
                     self.conn.send_ctrl({"op": "poweroff"})
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(self.off), 15)
-                if not self.off.done():
-                    log.warning("container %s: guest did not power off; powering off",
-                                self.cid[:12])
-                    await self.backend.power(self.moid, "off")
-            if self.volumes:
-                await self.backend.ensure_off(self.moid)  # before the disks come off
+                await self.backend.ensure_off(self.moid)
             if not self.ephemeral:
                 await self.backend.note_exit(self.moid, code, detach=self.volumes)
         elif self.volumes:
@@ -572,6 +569,15 @@ class VSphereBackend:
                     raise VSphereError("vsphere: the container's VM no longer exists") from None
         await asyncio.to_thread(run)
 
+    async def is_off(self, moid: str) -> bool:
+        def run() -> bool:
+            try:
+                return self.client.props(self._vm(moid), ["runtime.powerState"]).get(
+                    "runtime.powerState") in (OFF, None)
+            except vmodl.fault.ManagedObjectNotFound:
+                return True
+        return await asyncio.to_thread(run)
+
     async def ensure_off(self, moid: str, timeout: float = 15) -> None:
         """Wait (reading the power state itself: the view may report a stale
         power-off) until the guest has powered the VM off; then power it off."""
@@ -583,7 +589,7 @@ class VSphereBackend:
                         "runtime.powerState")
                 except vmodl.fault.ManagedObjectNotFound:
                     return True
-                if state == OFF:
+                if state in (OFF, None):  # None: the VM is gone
                     return True
                 time.sleep(0.5)
             log.warning("vsphere: VM %s did not power off; powering it off", moid)

@@ -34,7 +34,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -55,6 +55,7 @@ from common import (
     reference_missing,
     running,
     smaps_rollup,
+    stat_rows,
     workdir,
 )
 
@@ -140,14 +141,6 @@ def batch(d: Daemon, i: int, count: int, settle: float) -> tuple[float, dict[str
         left = d.docker("ps", "-aq", "--filter", f"label={label}", check=False).stdout.split()
         if left:
             d.docker("rm", "-f", *(x.decode() for x in left), check=False)
-
-
-def stat_rows(label: str, samples: dict[str, list[float]], show: Callable[[float], str],
-              stats: Sequence[str] = ("median", "min", "max")) -> list[Row]:
-    fns: dict[str, Callable[[list[float]], float]] = {
-        "median": statistics.median, "min": min, "max": max}
-    return [(f"{label}, {s}", {k: fns[s](v) for k, v in samples.items() if v}, show)
-            for s in stats]
 
 
 def main() -> int:

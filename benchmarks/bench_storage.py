@@ -21,7 +21,6 @@ removed at the end.
 
 from __future__ import annotations
 
-import argparse
 import re
 import statistics
 import subprocess
@@ -33,18 +32,12 @@ from common import (
     BUSYBOX_TIME_RE,
     DOCKER_CLI,
     Daemon,
-    DockerdDaemon,
     Row,
-    VicdDaemon,
-    add_shared_args,
-    build_guest,
-    busybox_rootfs,
     fmt_s,
     interleave,
+    parse_with_rounds,
     print_table,
-    reference_missing,
-    running,
-    workdir,
+    vicd_and_dockerd,
     write_json,
 )
 
@@ -86,40 +79,23 @@ def round_(d: Daemon, specs: dict[str, str], size_mb: int) -> dict[str, float]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("-n", "--rounds", type=int, help="rounds per daemon (3)")
-    ap.add_argument("--size-mb", type=int, default=256, help="MiB written and read (256)")
-    ap.add_argument("--quick", action="store_true", help="n=1")
-    add_shared_args(ap)
-    a = ap.parse_args()
-    if a.rounds is None:
-        a.rounds = 1 if a.quick else 3
-    if reference_missing():
-        return 2
-
-    build_guest()
-    with workdir("vs") as work:
-        vicd = VicdDaemon(work / "v", a.vicd_arg)
-        daemons: list[Daemon] = [vicd, DockerdDaemon()]
-        rootfs = busybox_rootfs(work / "busybox.tar")
+    a = parse_with_rounds(__doc__, quick=1, full=3, size_mb=(256, "MiB written and read"))
+    with vicd_and_dockerd("vs", a.vicd_arg) as (work, vicd, daemons):
         specs: dict[str, dict[str, str]] = {}
         for d in daemons:
             bind = work / f"bind-{d.name}"
             bind.mkdir()
             specs[d.name] = {"volume": f"{VOLUME}:/d", "bind": f"{bind}:/d"}
-        with running(daemons):
-            try:
-                for d in daemons:
-                    d.docker("import", str(rootfs), "busybox:latest")
-                    d.docker("volume", "create", VOLUME)
-                    d.docker("run", "--rm", *d.net, "busybox", "true")  # untimed warm-up
-                print(f"dd {a.size_mb} MiB: {a.rounds} round(s) ...", file=sys.stderr)
-                samples = interleave(daemons, a.rounds,
-                                     lambda d, i: round_(d, specs[d.name], a.size_mb))
-            finally:
-                for d in daemons:
-                    d.docker("volume", "rm", "-f", VOLUME, check=False)
-            accel = vicd.accelerator()
+        try:
+            for d in daemons:
+                d.docker("volume", "create", VOLUME)
+            print(f"dd {a.size_mb} MiB: {a.rounds} round(s) ...", file=sys.stderr)
+            samples = interleave(daemons, a.rounds,
+                                 lambda d, i: round_(d, specs[d.name], a.size_mb))
+        finally:
+            for d in daemons:
+                d.docker("volume", "rm", "-f", VOLUME, check=False)
+        accel = vicd.accelerator()
 
     names = [d.name for d in daemons]
     rows: list[Row] = []

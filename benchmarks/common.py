@@ -1,8 +1,9 @@
 """What the benchmarks share: the daemons (vicd, the reference dockerd), interleaved rounds,
 the result table, set-up (guest build, busybox rootfs) and clean-up, per-process memory.
 
-Used by ``bench.py``, ``bench_faststart.py``, ``bench_pull.py``, ``bench_storage.py`` and
-``bench_network.py`` (run as scripts: this directory is on ``sys.path`` then).
+Used by ``bench.py``, ``bench_faststart.py``, ``bench_pull.py``, ``bench_storage.py``,
+``bench_network.py`` and ``bench_cp.py`` (run as scripts: this directory is on ``sys.path``
+then).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,8 +33,9 @@ from vicd.testing import kill_vms, qemu_pids, stop_process, wait_for_ping  # noq
 __all__ = ["BUSYBOX_TIME_RE", "DOCKER_CLI", "GUEST_DIR", "NET", "REPO", "Daemon", "DockerdDaemon",
            "VicdDaemon",
            "add_shared_args", "busybox_rootfs", "build_guest", "dockerd_available", "fmt_mb",
-           "fmt_s", "http_unix", "reference_missing",
-           "interleave", "print_table", "Row", "running", "smaps_rollup", "workdir", "write_json"]
+           "fmt_s", "http_unix", "parse_with_rounds", "reference_missing",
+           "interleave", "print_table", "Row", "running", "smaps_rollup", "stat_rows",
+           "vicd_and_dockerd", "workdir", "write_json"]
 
 GUEST_DIR = Path(os.environ.get("VICD_GUEST_DIR", REPO / ".cache" / "guest"))
 NET = ("--network", "none")
@@ -181,6 +184,26 @@ def add_shared_args(ap: argparse.ArgumentParser,
     ap.add_argument("--json", metavar="FILE", help="also write the raw samples here")
 
 
+def parse_with_rounds(doc: str, quick: int, full: int, size_mb: tuple[int, str]
+                      ) -> argparse.Namespace:
+    """The command line of a script whose docstring is doc: ``-n/--rounds`` (full, or quick
+    with ``--quick``), ``--size-mb`` (default and help from size_mb) and the shared options.
+
+    Exits with status 2 when the reference dockerd cannot run here.
+    """
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--size-mb", type=int, default=size_mb[0], help=f"{size_mb[1]} ({size_mb[0]})")
+    ap.add_argument("-n", "--rounds", type=int, help=f"rounds per daemon ({full})")
+    ap.add_argument("--quick", action="store_true", help=f"n={quick}")
+    add_shared_args(ap)
+    a = ap.parse_args()
+    if a.rounds is None:
+        a.rounds = quick if a.quick else full
+    if reference_missing():
+        sys.exit(2)
+    return a
+
+
 def write_json(a: argparse.Namespace, **samples: object) -> None:
     """The raw samples and the options to ``--json FILE`` (``add_shared_args``), if asked for."""
     if a.json:
@@ -237,6 +260,24 @@ def running(daemons: Sequence[Daemon]) -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+@contextlib.contextmanager
+def vicd_and_dockerd(prefix: str, vicd_args: Sequence[str]
+                     ) -> Iterator[tuple[Path, VicdDaemon, list[Daemon]]]:
+    """(work dir, vicd, [vicd, dockerd]): the guest built, a work dir, a vicd in it and the
+    reference dockerd running (``running``), each with busybox:latest imported and run once
+    untimed (vicd builds its VM template for the shape then)."""
+    build_guest()
+    with workdir(prefix) as work:
+        vicd = VicdDaemon(work / "v", vicd_args)
+        daemons: list[Daemon] = [vicd, DockerdDaemon()]
+        rootfs = busybox_rootfs(work / "busybox.tar")
+        with running(daemons):
+            for d in daemons:
+                d.docker("import", str(rootfs), "busybox:latest")
+                d.docker("run", "--rm", *d.net, "busybox", "true")
+            yield work, vicd, daemons
+
+
 # --- measuring and reporting -------------------------------------------------------------------
 
 
@@ -279,6 +320,15 @@ def fmt_mb(x: float) -> str:
 
 
 Row = tuple[str, dict[str, float], Callable[[float], str]]
+
+
+def stat_rows(label: str, samples: dict[str, list[float]], show: Callable[[float], str],
+              stats: Sequence[str] = ("median", "min", "max")) -> list[Row]:
+    """A row per statistic ("LABEL, median", ...) of each daemon's samples."""
+    fns: dict[str, Callable[[list[float]], float]] = {
+        "median": statistics.median, "min": min, "max": max}
+    return [(f"{label}, {s}", {k: fns[s](v) for k, v in samples.items() if v}, show)
+            for s in stats]
 
 
 def print_table(rows: Sequence[Row], names: Sequence[str],

@@ -101,6 +101,20 @@ def test_lifecycle_names_labels_logs_exec(vsphere: VSphereEnv) -> None:
     wait_until(lambda: not any(n.startswith("life-") for n in admin.vms()), what="VM destroyed")
 
 
+def test_rename_follows_to_the_vm(vsphere: VSphereEnv) -> None:
+    from vicd.plugins.vsphere.backend import read_record
+
+    d, admin = vsphere.vicd, vsphere.admin()
+    cid = d.docker("create", "--name", "before-rn", "busybox", "true").stdout.strip()
+    d.docker("rename", "before-rn", "after-rn")
+    vm = admin.vm("after-rn")
+    assert vm.name == f"after-rn-{cid[:12]}"
+    assert "vicd container after-rn" in vm.config.annotation
+    record = read_record({o.key: o.value for o in vm.config.extraConfig})
+    assert record is not None and record["name"] == "after-rn"
+    d.docker("rm", "after-rn")
+
+
 def test_exit_codes(vsphere: VSphereEnv) -> None:
     d = vsphere.vicd
     r = d.docker("run", "--name", "ex3", "busybox", "sh", "-c", "echo out; echo err >&2; exit 3",

@@ -747,6 +747,11 @@ class Engine:
             old = c.name
             c.name = new
             self.store.save(c)
+        # A backend that keeps the name outside the data root (vSphere: the VM's
+        # name and extraConfig) follows.
+        renamed = getattr(self.backend, "rename", None)
+        if renamed is not None:
+            await renamed(c.id, new, c.to_dict())
         self.events.publish("container", "rename", c.id, oldName=f"/{old}", **self._attrs(c))
 
     # --- remove -------------------------------------------------------------------

@@ -410,8 +410,36 @@ class VSphereBackend:
         }
 
     def _annotation(self, spec: VMSpec) -> str:
-        return (f"vicd container {spec.name} ({spec.container_id})\n"
-                f"image {spec.record.get('image_ref') or ''} ({spec.image_id})")
+        return _annotation(spec.name, spec.container_id, spec.record)
+
+    async def rename(self, container_id: str, name: str, record: dict[str, Any]) -> None:
+        """``docker rename``: the VM's name, annotation and stored record follow
+        (Rename_Task, then one ReconfigVM_Task), so vCenter admins and a daemon
+        recovering from vCenter see the new name."""
+        moid = self._moid(container_id)
+        if moid is None:
+            return
+        st = self.view.vms.get(moid) if self.view else None
+        want = record_chunks(record)
+        stale = {k: "" for k in (st.extra if st else {})
+                 if k.startswith(RECORD_KEY) and k not in want}
+        cfg = vim.vm.ConfigSpec(
+            annotation=_annotation(name, container_id, record),
+            extraConfig=[vim.option.OptionValue(key=k, value=v)
+                         for k, v in {**stale, **want}.items()])
+
+        def run() -> None:
+            vm = self._vm(moid)
+            new = f"{name}-{container_id[:12]}"
+            self.client.wait_task(self.client.call(lambda: vm.Rename_Task(new)))
+            self._reconfig(vm, cfg)
+
+        try:
+            await asyncio.to_thread(run)
+        except (vmodl.MethodFault, VSphereError, *CONNECTION_ERRORS) as e:
+            # The container is renamed all the same; the next start stores the record.
+            log.warning("vsphere: cannot rename the VM of %s: %s", container_id[:12],
+                        fault_message(e))
 
     async def create(self, spec: VMSpec) -> None:
         _refuse_published_ports(spec)
@@ -837,6 +865,11 @@ class VSphereBackend:
         if kind == "leave" and cid not in self.removing and self.removed_callback:
             log.info("container %s: its VM was destroyed outside vicd", cid[:12])
             asyncio.ensure_future(self.removed_callback(cid))
+
+
+def _annotation(name: str, cid: str, record: dict[str, Any]) -> str:
+    return (f"vicd container {name} ({cid})\n"
+            f"image {record.get('image_ref') or ''} ({record.get('image_id') or ''})")
 
 
 def _refuse_published_ports(spec: VMSpec) -> None:

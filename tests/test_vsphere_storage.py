@@ -228,3 +228,31 @@ def test_published_ports_are_refused_clearly(vsphere: VSphereEnv) -> None:
     assert r.returncode != 0 and "does not publish ports" in r.stderr
     assert "webp" not in d.docker("ps", "-a", "--format", "{{.Names}}").stdout
     assert not [n for n in vsphere.admin().vms() if n.startswith("webp-")]
+
+
+def test_a_second_daemon_sees_and_removes_the_volumes(vsphere: VSphereEnv,
+                                                      tmp_path: Path) -> None:
+    from conftest import new_vicd
+    from vcsim_fixture import free_port
+
+    d = vsphere.vicd
+    d.docker("volume", "create", "-d", "vmdk", "--label", "shared=yes", "vshared")
+    other = new_vicd(tmp_path)
+    cfg = tmp_path / "other.toml"  # a container host of its own on the same vCenter
+    cfg.write_text("[plugins.vsphere]\n"
+                   f'serial_listen = "127.0.0.1:{free_port()}"\n'
+                   f'folder = "vicd-other-{vsphere.port}"\n'
+                   f'resource_pool = "vicd-other-{vsphere.port}"\n')
+    args = vsphere.vicd_args()
+    args[args.index("--config") + 1] = str(cfg)
+    other.start(*args, env=vsphere.vicd_env())
+    try:
+        out = other.docker("volume", "ls", "--format", "{{.Name}} {{.Driver}}").stdout
+        assert "vshared vmdk" in out.splitlines()
+        info = json.loads(other.docker("volume", "inspect", "vshared").stdout)[0]
+        assert info["Labels"] == {"shared": "yes"}
+        # Removed by the other daemon: gone from the first one's list too.
+        other.docker("volume", "rm", "vshared")
+        assert "vshared" not in volumes(vsphere)
+    finally:
+        other.stop()

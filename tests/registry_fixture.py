@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import tarfile
 import threading
 import time
 import urllib.error
@@ -29,7 +27,7 @@ import pytest
 import zstandard
 
 from token_server import TokenServer
-from vicd.testing import stop_process
+from vicd.testing import stop_process, tar_bytes  # noqa: F401 (tests import it from here)
 
 REGISTRY_BIN = shutil.which("docker-registry") or "/usr/bin/docker-registry"
 SKOPEO = shutil.which("skopeo") or "/usr/bin/skopeo"
@@ -176,16 +174,6 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registr
 
 
 # ---------------------------------------------------------------- OCI layouts
-
-
-def tar_bytes(files: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in files.items():
-            ti = tarfile.TarInfo(name)
-            ti.size, ti.mode, ti.mtime = len(data), 0o644, 1_700_000_000
-            tf.addfile(ti, io.BytesIO(data))
-    return buf.getvalue()
 
 
 @dataclass

@@ -19,19 +19,7 @@ from vcsim_fixture import (  # noqa: F401
     vsphere_fixture,
     wait_until,
 )
-
-
-def _tar(files: dict[str, bytes]) -> bytes:
-    import io
-    import tarfile
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as t:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
+from vicd.testing import tar_bytes
 
 
 def ps_names(env: VSphereEnv, *args: str) -> dict[str, str]:
@@ -78,7 +66,7 @@ def test_lifecycle_names_labels_logs_exec(vsphere: VSphereEnv) -> None:
     assert r.returncode == 7
     assert cid[:12] in d.docker("exec", "life", "cat", "/etc/hosts").stdout
     # docker cp both ways (tether archive requests over the serial port).
-    d.docker("cp", "-", "life:/tmp", input=_tar({"hello.txt": b"copied in"}))
+    d.docker("cp", "-", "life:/tmp", input=tar_bytes({"hello.txt": b"copied in"}))
     assert d.docker("exec", "life", "cat", "/tmp/hello.txt").stdout == "copied in"
     assert "copied in" in d.docker("cp", "life:/tmp/hello.txt", "-").stdout
     # pause/unpause: the VM is suspended and powered on again; the process survives.

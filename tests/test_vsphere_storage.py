@@ -19,6 +19,7 @@ import subprocess
 from pathlib import Path
 
 from vcsim_fixture import VSphereEnv, vsphere_fixture, wait_until  # noqa: F401
+from vicd.testing import tar_bytes
 
 
 def api_status(env: VSphereEnv, method: str, path: str) -> tuple[int, dict]:
@@ -183,24 +184,11 @@ def test_root_disk_is_a_child_of_the_image_disk_on_the_datastore(
     d.docker("rm", "-f", "ra")
 
 
-def _tar(files: dict[str, bytes]) -> bytes:
-    import io
-    import tarfile
-
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as t:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            t.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
 def test_cp_with_a_stopped_container(vsphere: VSphereEnv) -> None:
     # The container's VM boots held (no process) for the copy, then powers off.
     d = vsphere.vicd
     d.docker("create", "--name", "cpnew", "busybox", "cat", "/tmp/in.txt")
-    d.docker("cp", "-", "cpnew:/tmp", input=_tar({"in.txt": b"copied while stopped\n"}))
+    d.docker("cp", "-", "cpnew:/tmp", input=tar_bytes({"in.txt": b"copied while stopped\n"}))
     assert d.inspect("cpnew")["State"]["Status"] == "created"
     off = {"poweredOff"}
     wait_until(lambda: vsphere.admin().vm("cpnew").runtime.powerState in off, what="held VM off")

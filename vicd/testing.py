@@ -74,3 +74,17 @@ def kill_vms(data_root: Path) -> None:
     if NetNS.usable():
         with contextlib.suppress(Exception):
             namespace_for(data_root).remove()
+
+
+def tar_bytes(files: dict[str, bytes]) -> bytes:
+    """A small tar archive (PAX, fixed mtime and mode) of name -> content."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in files.items():
+            ti = tarfile.TarInfo(name)
+            ti.size, ti.mode, ti.mtime = len(data), 0o644, 1_700_000_000
+            tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()

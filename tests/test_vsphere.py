@@ -166,9 +166,10 @@ def test_simulator_restart_relogin_no_duplicates(vsphere: VSphereEnv) -> None:
 
 @pytest.fixture(scope="module")
 def linked(guest_dir: Path, busybox_tar: Path, tmp_path_factory: pytest.TempPathFactory):
-    # No InstantClone_Task, and sessions that expire after 2 s idle.
+    # No InstantClone_Task, sessions that expire after 2 s idle, and a
+    # CopyVirtualDisk_Task that refuses a destSpec, as vCenter's does.
     env = make_env(tmp_path_factory.mktemp("vsphere-linked"),
-                   ["-no-instant-clone", "-session-idle", "2s"], busybox_tar)
+                   ["-no-instant-clone", "-session-idle", "2s", "-vcenter-copy"], busybox_tar)
     yield env
     env.close()
 
@@ -177,6 +178,13 @@ def test_linked_clone_fallback_and_session_expiry(linked: VSphereEnv) -> None:
     d = linked.vicd
     assert d.docker("run", "--rm", "busybox", "echo", "linked").stdout == "linked\n"
     assert linked.backend_info()["clone"] == "linked"
+    # The image's base: vCenter's default copy of the upload (preallocated,
+    # busLogic), the destSpec refused.
+    image = d.docker("image", "inspect", "busybox", "--format", "{{.Id}}").stdout.strip()
+    ds = linked.admin().content.searchIndex.FindByInventoryPath("DC0/datastore/LocalDS_0")
+    desc = (Path(ds.info.url) / "vicd-images" / f"{image.split(':')[-1]}.vmdk").read_text()
+    assert 'createType="vmfs"' in desc and 'ddb.adapterType = "buslogic"' in desc, desc
+    assert 'ddb.thinProvisioned = "0"' in desc, desc
     a = linked.soap_calls()
     d.docker("create", "--name", "lc", "busybox", "true")
     b = linked.soap_calls()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -136,16 +135,33 @@ def test_volumes_listed_from_vcenter_after_restart_with_empty_data_root(
     assert "vkeep" not in volumes(vsphere)
 
 
-def _put_file_in_ext4_vmdk(vmdk: Path, name: str, data: bytes, work: Path) -> None:
-    """Write ``/name`` into the ext4 inside a sparse VMDK (debugfs, no mount)."""
-    raw, src, tmp = work / "disk.raw", work / "payload", vmdk.with_suffix(".tmp")
+def _put_file_in_base_disk(base: Path, name: str, data: bytes, work: Path) -> None:
+    """Write ``/name`` into the ext4 of a converted base disk: its flat extent
+    is the raw file system (debugfs, no mount)."""
+    src = work / "payload"
     src.write_bytes(data)
-    subprocess.run(["qemu-img", "convert", "-q", "-O", "raw", str(vmdk), str(raw)], check=True)
-    subprocess.run(["debugfs", "-w", "-R", f"write {src} {name}", str(raw)], check=True,
-                   capture_output=True)
-    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "vmdk", "-o",
-                    "subformat=monolithicSparse", str(raw), str(tmp)], check=True)
-    os.replace(tmp, vmdk)
+    subprocess.run(["debugfs", "-w", "-R", f"write {src} {name}", str(_flat(base))],
+                   check=True, capture_output=True)
+
+
+def _flat(base: Path) -> Path:
+    return base.with_name(base.stem + "-flat.vmdk")
+
+
+def _assert_native_thin_base(base: Path, adapter: str = "lsilogic", thin: bool = True) -> None:
+    """The base is what CopyVirtualDisk_Task writes on ESXi: a VMFS descriptor
+    naming its flat extent, not the hosted sparse file that was uploaded; and
+    the upload and the temporary copy are gone."""
+    text = base.read_text()
+    assert 'createType="vmfs"' in text and f'VMFS "{_flat(base).name}"' in text, text
+    assert f'ddb.adapterType = "{adapter}"' in text, text
+    assert f'ddb.thinProvisioned = "{int(thin)}"' in text, text
+    st = _flat(base).stat()
+    if thin:
+        assert st.st_blocks * 512 < st.st_size  # sparse: a thin disk
+    left = [p.name for p in base.parent.iterdir() if p.name.startswith(base.stem)
+            and p.name not in (base.name, _flat(base).name)]
+    assert left == [], left
 
 
 def test_root_disk_is_a_child_of_the_image_disk_on_the_datastore(
@@ -156,10 +172,10 @@ def test_root_disk_is_a_child_of_the_image_disk_on_the_datastore(
     image = d.docker("image", "inspect", "busybox", "--format", "{{.Id}}").stdout.strip()
     d.docker("run", "--rm", "busybox", "true")  # uploads the base disk if not yet there
     base = datastore_dir(vsphere) / "vicd-images" / f"{image.split(':')[-1]}.vmdk"
-    assert base.is_file()
+    _assert_native_thin_base(base)
     # A file only the datastore's copy of the image has: containers see it, so
     # their root is that disk (not the daemon's local ext4).
-    _put_file_in_ext4_vmdk(base, "from-datastore", b"on the datastore\n", tmp_path)
+    _put_file_in_base_disk(base, "from-datastore", b"on the datastore\n", tmp_path)
     http_calls = int(vsphere.backend_info()["datastore_http_calls"])
     r = d.docker("run", "--rm", "busybox", "cat", "/from-datastore")
     assert r.stdout == "on the datastore\n"
@@ -182,6 +198,44 @@ def test_root_disk_is_a_child_of_the_image_disk_on_the_datastore(
     d.docker("start", "ra")
     assert d.docker("exec", "ra", "cat", "/only-a").stdout == "a\n"
     d.docker("rm", "-f", "ra")
+
+
+def _create_calls(env: VSphereEnv, name: str, image: str) -> int:
+    a = env.soap_calls()
+    env.vicd.docker("create", "--name", name, image, "echo", "whole")
+    return env.soap_calls() - a
+
+
+def test_a_half_made_image_disk_is_made_again(vsphere: VSphereEnv, busybox_tar: Path) -> None:
+    d = vsphere.vicd
+    _create_calls(vsphere, "warm", "busybox")  # inventory, instant-clone parent, busybox base
+    # New images (import stamps a new creation time, so a new id).
+    d.docker("import", str(busybox_tar), "fresh:1")
+    d.docker("import", str(busybox_tar), "halfway:1")
+    images = datastore_dir(vsphere) / "vicd-images"
+    owner = vsphere.backend_info()["folder"]
+    # One whose base a killed daemon left half made: an upload and a
+    # temporary copy, no base.
+    stem = d.docker("image", "inspect", "halfway:1", "--format", "{{.Id}}"
+                    ).stdout.strip().split(":")[-1]
+    leftovers = [images / f"{stem}.{owner}.upload.vmdk", images / f"{stem}.{owner}.tmp.vmdk",
+                 images / f"{stem}.{owner}.tmp-flat.vmdk"]
+    images.mkdir(exist_ok=True)
+    for f in leftovers:
+        f.write_bytes(b"cut short")
+    first = _create_calls(vsphere, "fresh1", "fresh:1")
+    again = _create_calls(vsphere, "fresh2", "fresh:1")
+    redone = _create_calls(vsphere, "half1", "halfway:1")
+    print(f"SOAP round trips per docker create: first container of a new image {first}, "
+          f"the next {again}, first over a half-made base {redone}")
+    assert first > again  # the base is made by the first create only
+    base = images / f"{stem}.vmdk"
+    _assert_native_thin_base(base)
+    assert not any(f.exists() for f in leftovers)
+    assert d.docker("start", "-a", "half1").stdout == "whole\n"
+    assert d.docker("start", "-a", "fresh2").stdout == "whole\n"
+    d.docker("rm", "warm", "fresh1", "fresh2", "half1")
+    d.docker("rmi", "fresh:1", "halfway:1")
 
 
 def test_cp_with_a_stopped_container(vsphere: VSphereEnv) -> None:

@@ -9,7 +9,10 @@
 //   - ReconfigVM_Task replaces extraConfig keys (an empty value deletes one)
 //     and publishes extraConfig/annotation changes to property collectors;
 //   - CreateVirtualDisk_Task makes a real (thin, ESXi-style) disk, not two
-//     empty files (disks.go).
+//     empty files; CopyVirtualDisk_Task converts any VMDK QEMU reads (the
+//     hosted sparse upload) into a VMFS-style disk, honouring destSpec unless
+//     -vcenter-copy (then it refuses one, as vCenter does); MoveVirtualDisk_Task
+//     also renames the flat file in the descriptor (disks.go).
 //
 // These are implemented by rewriting the _this of those SOAP requests to a
 // managed object of ours (the simulator type-asserts *VirtualMachine too
@@ -47,6 +50,9 @@ type fixer struct {
 	Self   types.ManagedObjectReference
 	mu     sync.Mutex
 	source types.ManagedObjectReference
+	// vcenterCopy: CopyVirtualDisk_Task refuses a destSpec (NotImplemented),
+	// as vCenter does; without it the copy converts as an ESXi host does.
+	vcenterCopy bool
 }
 
 func (f *fixer) Reference() types.ManagedObjectReference { return f.Self }
@@ -244,13 +250,17 @@ func (f *fixer) InstantCloneTask(ctx *simulator.Context, req *types.InstantClone
 	return &methods.InstantClone_TaskBody{Res: &types.InstantClone_TaskResponse{Returnval: task.Run()}}
 }
 
-var thisRe = regexp.MustCompile(`<_this[^>]*type="VirtualMachine"[^>]*>([^<]+)</_this>`)
+var thisRe = regexp.MustCompile(`<_this[^>]*type="(VirtualMachine|VirtualDiskManager)"[^>]*>([^<]+)</_this>`)
 
 // wrap rewrites the requests the fixer handles.
 func wrap(next http.Handler, f *fixer, instantClone bool) http.Handler {
-	ops := []string{"CloneVM_Task", "ReconfigVM_Task"}
+	vmOps := []string{"CloneVM_Task", "ReconfigVM_Task"}
 	if instantClone {
-		ops = append(ops, "InstantClone_Task")
+		vmOps = append(vmOps, "InstantClone_Task")
+	}
+	opsOf := map[string][]string{
+		"VirtualMachine":     vmOps,
+		"VirtualDiskManager": {"CopyVirtualDisk_Task", "MoveVirtualDisk_Task"},
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Method != http.MethodPost || !strings.HasPrefix(r.URL.Path, "/sdk") {
@@ -270,28 +280,31 @@ func wrap(next http.Handler, f *fixer, instantClone bool) http.Handler {
 			return
 		}
 		var op string
-		for _, o := range ops {
-			if bytes.Contains(body, []byte("<"+o)) || bytes.Contains(body, []byte(":"+o)) {
-				op = o
+		m := thisRe.FindSubmatch(body)
+		if m != nil {
+			for _, o := range opsOf[string(m[1])] {
+				if bytes.Contains(body, []byte("<"+o)) || bytes.Contains(body, []byte(":"+o)) {
+					op = o
+				}
 			}
 		}
-		m := thisRe.FindSubmatch(body)
-		if op == "" || m == nil {
+		if op == "" {
 			r.Body = io.NopCloser(bytes.NewReader(body))
 			next.ServeHTTP(w, r)
 			return
 		}
 		f.mu.Lock()
 		defer f.mu.Unlock()
-		f.source = types.ManagedObjectReference{Type: "VirtualMachine", Value: string(m[1])}
+		kind := string(m[1])
+		f.source = types.ManagedObjectReference{Type: kind, Value: string(m[2])}
 		body = thisRe.ReplaceAll(body, []byte(`<_this type="`+fixerType+`">`+f.Self.Value+`</_this>`))
 		r.Body = io.NopCloser(bytes.NewReader(body))
 		r.ContentLength = int64(len(body))
-		// Faults name _this (NotAuthenticated's object): give the client its VM back.
+		// Faults name _this (NotAuthenticated's object): give the client its object back.
 		rec := &recorder{header: w.Header(), status: http.StatusOK}
 		next.ServeHTTP(rec, r)
 		out := bytes.ReplaceAll(rec.body.Bytes(), []byte(`type="`+fixerType+`">`+f.Self.Value+`<`),
-			[]byte(`type="VirtualMachine">`+string(m[1])+`<`))
+			[]byte(`type="`+kind+`">`+string(m[2])+`<`))
 		w.Header().Set("Content-Length", fmt.Sprint(len(out)))
 		w.WriteHeader(rec.status)
 		w.Write(out)
@@ -332,6 +345,7 @@ func main() {
 	template := flag.String("template", "vicd-template", "rename a model VM to this (powered off); empty: none")
 	idle := flag.Duration("session-idle", 0, "expire idle sessions after this long (0: never)")
 	urlFile := flag.String("url-file", "", "write the SDK URL here once serving")
+	vcenterCopy := flag.Bool("vcenter-copy", false, "CopyVirtualDisk_Task refuses a destSpec, as vCenter does")
 	flag.Parse()
 
 	if *idle > 0 {
@@ -349,7 +363,7 @@ func main() {
 	if *template != "" {
 		prepareTemplate(*template)
 	}
-	f := &fixer{Self: types.ManagedObjectReference{Type: fixerType, Value: "vicd-fixer"}}
+	f := &fixer{Self: types.ManagedObjectReference{Type: fixerType, Value: "vicd-fixer"}, vcenterCopy: *vcenterCopy}
 	simulator.Map.Put(f)
 
 	model.Service.Listen = &url.URL{Host: *listen}

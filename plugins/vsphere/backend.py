@@ -49,6 +49,7 @@ from vicd.plugins.vsphere.client import (
 )
 from vicd.plugins.vsphere.datastore import DatastoreFiles
 from vicd.plugins.vsphere.disks import (
+    adapter_type,
     attach_changes,
     detach_changes,
     guest_mounts,
@@ -216,7 +217,8 @@ class VSphereBackend:
         self.client = VimClient(self.settings, "main")
         self.view_client = VimClient(self.settings, "view")
         self.listener = SerialListener(self.settings.serial_listen)
-        self.files = DatastoreFiles(self.client, config.data_root / "vsphere" / "images")
+        self.files = DatastoreFiles(self.client, config.data_root / "vsphere" / "images",
+                                    owner=self.settings.folder)
         self.nics = NicPlugger(self.client)
         self.view: FolderView | None = None
         self.infra: Infra | None = None
@@ -474,7 +476,8 @@ class VSphereBackend:
             # The image's base disk, uploaded once; the VM gets a child disk of
             # it of its own, its root disk (the container's writes).
             image_vmdk = self.files.ensure_image(
-                spec.image_id, spec.image_disk, self.settings.datacenter, infra.ds_name)
+                spec.image_id, spec.image_disk, self.settings.datacenter, infra.ds_name,
+                infra.datacenter, adapter_type(infra.devices))
             extra["vicd.image_vmdk"] = image_vmdk
             disk_changes = [root_disk_change(infra.devices, image_vmdk, infra.ds_name)]
         # An instant clone runs from birth; a container with volumes boots cold

@@ -45,6 +45,13 @@ def scsi_controller(devices: list[Any]) -> Any:
                        "volume disks to")
 
 
+def adapter_type(devices: list[Any]) -> str:
+    """The VirtualDiskAdapterType of the SCSI controller disks are put on."""
+    if isinstance(scsi_controller(devices), vim.vm.device.VirtualBusLogicController):
+        return "busLogic"
+    return "lsiLogic"  # LSI Logic, LSI SAS and PVSCSI disks all say lsiLogic
+
+
 def detach_changes(devices: list[Any]) -> list[Any]:
     """Remove the volume disks from the VM, keeping their files."""
     return [vim.vm.device.VirtualDeviceSpec(operation=op.remove, device=d)

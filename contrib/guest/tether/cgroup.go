@@ -27,14 +27,10 @@ type cpuMax struct {
 // shows it read-only at the container's /sys/fs/cgroup. It runs at start,
 // not at boot: a template snapshot holds no per-container state.
 func setupCgroup() error {
-	if err := syscall.Mount("cgroup2", cgroupRoot, "cgroup2", syscall.MS_NOSUID|syscall.MS_NODEV|syscall.MS_NOEXEC, ""); err != nil && err != syscall.EBUSY {
-		return fmt.Errorf("mount cgroup2: %v", err)
-	}
-	if err := os.WriteFile(cgroupRoot+"/cgroup.subtree_control", []byte("+cpu"), 0); err != nil {
-		return fmt.Errorf("enable the cpu controller: %v", err)
-	}
-	if err := os.Mkdir(cgroupDir, 0o755); err != nil && !os.IsExist(err) {
-		return err
+	if _, err := os.Stat(cgroupDir); err != nil {
+		if err := makeCgroup(); err != nil {
+			return err
+		}
 	}
 	target := containerRoot + cgroupRoot
 	if fi, err := os.Lstat(target); err != nil || !fi.IsDir() {
@@ -44,6 +40,22 @@ func setupCgroup() error {
 		return fmt.Errorf("bind %s: %v", target, err)
 	}
 	return syscall.Mount("", target, "", syscall.MS_REMOUNT|syscall.MS_BIND|syscall.MS_RDONLY|syscall.MS_NOSUID|syscall.MS_NODEV|syscall.MS_NOEXEC, "")
+}
+
+// makeCgroup mounts cgroup2 and makes the container's group with the cpu
+// controller on. It runs at boot (main), so a template snapshot has it and
+// a clone's start only shows it to the container.
+func makeCgroup() error {
+	if err := syscall.Mount("cgroup2", cgroupRoot, "cgroup2", syscall.MS_NOSUID|syscall.MS_NODEV|syscall.MS_NOEXEC, ""); err != nil && err != syscall.EBUSY {
+		return fmt.Errorf("mount cgroup2: %v", err)
+	}
+	if err := os.WriteFile(cgroupRoot+"/cgroup.subtree_control", []byte("+cpu"), 0); err != nil {
+		return fmt.Errorf("enable the cpu controller: %v", err)
+	}
+	if err := os.Mkdir(cgroupDir, 0o755); err != nil && !os.IsExist(err) {
+		return err
+	}
+	return nil
 }
 
 // inContainerCgroup runs fork (a ForkExec) with the tether itself in the

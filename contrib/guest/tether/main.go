@@ -33,6 +33,9 @@ func main() {
 	if os.Getpid() == 1 {
 		setupSystem()
 		loadModules()
+		if err := makeCgroup(); err != nil {
+			logf("cgroup: %v (made again at run)", err)
+		}
 	}
 	freezeIfParent()
 	port := openTransport()

@@ -356,3 +356,27 @@ def test_a_connected_guest_announces_itself(vicd: Vicd, net: str):
         assert seen
     finally:
         sock.close()
+
+
+def test_the_namespace_goes_with_the_last_user(fresh_vicd: Vicd):
+    """A clean daemon stop removes vicd's network namespace when no VM runs and no
+    network is kept; a running container or a network keeps it for the next daemon."""
+    from vicd.plugins.microvm.netns import namespace_for
+
+    d = fresh_vicd
+    ns = namespace_for(d.data_root)
+    d.docker("run", "--rm", "busybox", "true")
+    assert ns.path.exists()
+    d.stop()
+    assert not ns.path.exists()
+    d.start()
+    d.docker("network", "create", "kept")
+    d.stop()
+    assert ns.path.exists()
+    d.start()
+    d.docker("run", "-d", "--name", "alive", "--network", "kept", "busybox", "sleep", "300")
+    d.docker("network", "rm", "kept", check=False)  # refused: active endpoint
+    d.stop()
+    assert ns.path.exists()
+    d.start()
+    assert d.docker("exec", "alive", "true").returncode == 0

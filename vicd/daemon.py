@@ -138,6 +138,9 @@ class Daemon:
         await self.engine.shutdown()
         for runner in self.runners:
             await runner.cleanup()
+        close = getattr(self.backend, "close", None)
+        if close is not None:  # optional: host resources no running VM needs
+            await close(bool(self.networks.networks))
 
 
 async def serve(config: Config) -> None:

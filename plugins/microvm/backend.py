@@ -227,6 +227,16 @@ class MicroVMBackend:
             if live_qemu_pid(VMFiles(vm_dir, self.run_dir)) is None:
                 SharedFolders(d).cleanup()
 
+    async def close(self, networks_kept: bool) -> None:
+        """Daemon stop: the network namespace goes too when nothing needs it
+        (no VM runs, no user-defined network is kept for the next daemon)."""
+        if self.netns is None or networks_kept or await self.running_ids():
+            return
+        try:
+            await asyncio.to_thread(self.netns.remove)
+        except NetNSError as e:
+            log.warning("network namespace %s not removed: %s", self.netns.name, e)
+
     async def _choose_accel(self) -> str:
         want = self.config.accel
         if want in ("tcg", "kvm"):

@@ -62,8 +62,7 @@ def _members(engine: Engine, name: str, n: Network | None) -> dict[str, Any]:
                 continue
             out[c.id] = {"Name": c.name, "EndpointID": ep.endpoint_id, "MacAddress": ep.mac,
                          "IPv4Address": ep.address, "IPv6Address": ""}
-        elif name in engine.nets.settings_view(c):
-            entry = engine.nets.settings_view(c)[name]
+        elif (entry := engine.nets.settings_view(c).get(name)) is not None:
             if entry["IPAddress"]:
                 out[c.id] = {"Name": c.name, "EndpointID": entry["EndpointID"],
                              "MacAddress": entry["MacAddress"],

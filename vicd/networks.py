@@ -16,6 +16,7 @@ import ipaddress
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ class NetworkManager:
         self._dns: dict[str, DNSServer] = {}
         self._lock = asyncio.Lock()
         # container id -> its names on networks (name, short id); set by the engine.
-        self.names_of: Any = lambda cid: []
+        self.names_of: Callable[[str], list[str]] = lambda cid: []
 
     # --- records ---------------------------------------------------------------
 
@@ -176,8 +177,8 @@ class NetworkManager:
             raise InvalidParameter("network name is required")
         drv = self.driver(driver or "bridge")
         async with self._lock:
-            if name in BUILTIN_NETWORKS or name == "host" or self.find(name) is not None and \
-                    self.find(name).name == name:  # type: ignore[union-attr]
+            if name in BUILTIN_NETWORKS or name == "host" or any(
+                    n.name == name for n in self.networks.values()):
                 raise Conflict(f"network with name {name} already exists")
             subnet, gateway, ip_range = self._plan_ipam(ipam or {})
             n = Network(id=secrets.token_hex(32), name=name, driver=driver or "bridge",

@@ -233,13 +233,7 @@ func writeTarOnly(out io.Writer, srcDir, srcBase, rebase string, excludes, only,
 	tw := tar.NewWriter(out)
 	inodes := map[[2]uint64]string{}
 	start := filepath.Join(srcDir, srcBase)
-	skip := map[string]bool{}
-	for p := range archiveSkip {
-		skip[containerRoot+p] = true
-	}
-	for _, e := range excludes {
-		skip[filepath.Join(containerRoot, e)] = true
-	}
+	skip := skipSet(excludes)
 	err := filepath.Walk(start, func(p string, fi os.FileInfo, err error) error {
 		if err != nil {
 			if p == start {
@@ -574,10 +568,9 @@ func utimensat(p string, ts []syscall.Timespec) error {
 	return nil
 }
 
-// writeListing writes one JSON line per entry below srcDir/srcBase (no
-// contents): the container side of docker diff and commit.
-func writeListing(out io.Writer, srcDir, srcBase string, excludes []string) error {
-	start := filepath.Join(srcDir, srcBase)
+// skipSet is every path an archive or listing leaves out: the tether's own
+// (archiveSkip) and the caller's excludes, as host paths below containerRoot.
+func skipSet(excludes []string) map[string]bool {
 	skip := map[string]bool{}
 	for p := range archiveSkip {
 		skip[containerRoot+p] = true
@@ -585,6 +578,14 @@ func writeListing(out io.Writer, srcDir, srcBase string, excludes []string) erro
 	for _, e := range excludes {
 		skip[filepath.Join(containerRoot, e)] = true
 	}
+	return skip
+}
+
+// writeListing writes one JSON line per entry below srcDir/srcBase (no
+// contents): the container side of docker diff and commit.
+func writeListing(out io.Writer, srcDir, srcBase string, excludes []string) error {
+	start := filepath.Join(srcDir, srcBase)
+	skip := skipSet(excludes)
 	enc := json.NewEncoder(out)
 	return filepath.Walk(start, func(p string, fi os.FileInfo, err error) error {
 		if err != nil {

@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 	"unsafe"
@@ -99,10 +98,8 @@ func reconfigureNetwork(ifaces []netIface) (map[string]any, error) {
 	return map[string]any{}, nil
 }
 
-var (
-	slotOnce  sync.Once
-	slotNames map[string]string // boot MAC -> interface name
-)
+// slotNames maps a slot's boot MAC to its interface name.
+var slotNames = map[string]string{}
 
 // slotName finds a slot's interface by the MAC its device booted with
 // (02:42:00:00:01:<slot>): the first lookup happens before any MAC is
@@ -114,7 +111,6 @@ func slotName(slot int, own string) (string, error) {
 	own = strings.ToLower(own)
 	deadline := time.Now().Add(3 * time.Second)
 	for {
-		slotOnce.Do(func() { slotNames = map[string]string{} })
 		if name, ok := slotNames[want]; ok {
 			return name, nil
 		}
